@@ -1,0 +1,45 @@
+"""The composed run config: one typed schema per config group, registered in Hydra's ConfigStore.
+
+Importing this module never imports TensorFlow, so Hydra rejects bad keys and values before any graph work.
+"""
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from effnet_exp.data.config import DatasetConfig
+from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDeviceConfig
+from effnet_exp.model.config import ModelConfig
+from effnet_exp.training.config import EvalConfig, OptimizerConfig, TrainConfig
+
+
+class Mode(enum.Enum):
+    train_eval = "train_eval"
+    train = "train"
+    eval = "eval"
+
+
+@dataclass
+class RunConfig:
+    mode: Mode = Mode.train_eval
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Each device yaml pulls in its own schema (cpu, gpu and ascend take different fields).
+    device: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs():
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
+    cs.store(group="device", name="cpu_schema", node=CpuDeviceConfig)
+    cs.store(group="device", name="gpu_schema", node=GpuDeviceConfig)
+    cs.store(group="device", name="ascend_schema", node=AscendDeviceConfig)

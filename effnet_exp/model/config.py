@@ -1,0 +1,39 @@
+"""Typed schema of the `model` config group (no TensorFlow import here)."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import II
+
+# The reference's block strings for B0; every B/Lite variant scales these.
+DEFAULT_BLOCKS = [
+    "r1_k3_s11_e1_i32_o16_se0.25",
+    "r2_k3_s22_e6_i16_o24_se0.25",
+    "r2_k5_s22_e6_i24_o40_se0.25",
+    "r3_k3_s22_e6_i40_o80_se0.25",
+    "r3_k5_s11_e6_i80_o112_se0.25",
+    "r4_k5_s22_e6_i112_o192_se0.25",
+    "r1_k3_s11_e6_i192_o320_se0.25",
+]
+
+
+@dataclass
+class ModelConfig:
+    # Variable scope; official checkpoints use e.g. "efficientnet-b0".
+    name: str = "efficientnet-b0"
+    width_coefficient: float = 1.0
+    depth_coefficient: float = 1.0
+    resolution: int = 224
+    dropout_rate: float = 0.2
+    # Input size; None means the variant's resolution.
+    image_size: Optional[int] = None
+    num_classes: int = II("dataset.num_classes")
+    blocks: List[str] = field(default_factory=lambda: list(DEFAULT_BLOCKS))
+    stem_filters: int = 32
+    head_filters: int = 1280
+    depth_divisor: int = 8
+    min_depth: Optional[int] = None
+    batch_norm_momentum: float = 0.99
+    batch_norm_epsilon: float = 1e-3
+    # Drop-connect survival probability of the last block (scaled linearly by block index).
+    survival_prob: float = 0.8
+    activation: str = "swish"

@@ -1,0 +1,204 @@
+"""EfficientNet in tf.compat.v1 graph mode, variable-compatible with the official
+checkpoints (tensorflow/tpu models/official/efficientnet).
+
+Variable layout under ``cfg.name`` (e.g. ``efficientnet-b0``)::
+
+    stem/conv2d/kernel, stem/tpu_batch_normalization/*
+    blocks_<i>/ (i numbered globally across stages)
+        expand_ratio != 1:
+            conv2d (expand), tpu_batch_normalization (bn0),
+            depthwise_conv2d, tpu_batch_normalization_1 (bn1),
+            se/conv2d, se/conv2d_1, conv2d_1 (project), tpu_batch_normalization_2
+        expand_ratio == 1:
+            depthwise_conv2d, tpu_batch_normalization,
+            se/conv2d, se/conv2d_1, conv2d (project), tpu_batch_normalization_1
+    head/conv2d/kernel, head/tpu_batch_normalization/*, head/dense/{kernel,bias}
+
+``se/`` is omitted for blocks without squeeze-excitation (se ratio absent/0).
+"""
+import tensorflow as tf
+
+from effnet_exp.model import layers
+from effnet_exp.model.blocks import decode_blocks, has_se, round_filters, round_repeats
+
+__all__ = [
+    "build_efficientnet",
+    "expand_block_args",
+    "model_input_size",
+    "count_trainable_params",
+]
+
+
+def _get(cfg, key, default=None):
+    """Attribute access that works for dataclasses, DictConfigs and plain objects."""
+    value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def model_input_size(cfg):
+    """Input side length: ``cfg.image_size`` if set, else ``cfg.resolution``."""
+    size = getattr(cfg, "image_size", None)
+    if size:
+        return int(size)
+    return int(cfg.resolution)
+
+
+def expand_block_args(cfg):
+    """Returns the per-block BlockArgs (one per built block, global order).
+
+    Stage repeats are scaled with round_repeats(depth_coefficient) and filters
+    with round_filters(width_coefficient); the first block of a stage keeps the
+    stage's stride and input filters, the repeats use stride 1 and
+    input = output filters.
+    """
+    width = _get(cfg, "width_coefficient")
+    depth = _get(cfg, "depth_coefficient")
+    divisor = int(_get(cfg, "depth_divisor", 8))
+    min_depth = getattr(cfg, "min_depth", None)
+    result = []
+    for stage in decode_blocks(cfg.blocks):
+        stage = stage._replace(
+            input_filters=round_filters(stage.input_filters, width, divisor, min_depth),
+            output_filters=round_filters(stage.output_filters, width, divisor, min_depth),
+            num_repeat=round_repeats(stage.num_repeat, depth),
+        )
+        result.append(stage)
+        repeat = stage._replace(input_filters=stage.output_filters, strides=(1, 1))
+        for _ in range(stage.num_repeat - 1):
+            result.append(repeat)
+    return result
+
+
+def _mbconv_block(x, args, is_training, act, survival_prob, bn_momentum, bn_epsilon,
+                  endpoints=None):
+    """One MBConv block inside the current ``blocks_<i>`` variable scope."""
+    inputs = x
+    bn_names = iter(
+        ["tpu_batch_normalization"]
+        + ["tpu_batch_normalization_%d" % i for i in range(1, 3)]
+    )
+    conv_names = iter(["conv2d", "conv2d_1"])
+
+    def bn(t):
+        return layers.batch_norm(t, is_training, bn_momentum, bn_epsilon, name=next(bn_names))
+
+    filters = args.input_filters * args.expand_ratio
+    if args.expand_ratio != 1:
+        x = act(bn(layers.conv2d(x, filters, 1, name=next(conv_names))))
+    if endpoints is not None:
+        endpoints["expansion_output"] = x
+
+    x = layers.depthwise_conv2d(x, args.kernel_size, args.strides, name="depthwise_conv2d")
+    x = act(bn(x))
+    if endpoints is not None:
+        endpoints["depthwise_output"] = x
+
+    if has_se(args):
+        num_reduced = max(1, int(args.input_filters * float(args.se_ratio)))
+        with tf.compat.v1.variable_scope("se", use_resource=True):
+            s = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+            s = act(layers.conv2d(s, num_reduced, 1, use_bias=True, name="conv2d"))
+            s = layers.conv2d(s, filters, 1, use_bias=True, name="conv2d_1")
+            x = tf.sigmoid(s) * x
+
+    x = bn(layers.conv2d(x, args.output_filters, 1, name=next(conv_names)))
+
+    if (args.id_skip and all(int(s) == 1 for s in args.strides)
+            and args.input_filters == args.output_filters):
+        x = layers.drop_connect(x, is_training, survival_prob)
+        x = tf.add(x, inputs)
+    return x
+
+
+def build_efficientnet(images, cfg, is_training, reuse=None):
+    """Builds EfficientNet on ``images`` (float32 NHWC, already normalised).
+
+    Args:
+      images: float32 tensor [B, H, W, 3].
+      cfg: a ModelConfig or any object with the same attributes (DictConfig ok).
+      is_training: Python bool; selects batch statistics + UPDATE_OPS,
+        drop-connect and dropout.
+      reuse: passed to the top-level variable scope ``cfg.name``.
+
+    Returns:
+      (logits, endpoints): logits [B, num_classes] produced by an op named
+      ``logits`` (at graph root when called outside any name scope), and a dict
+      of intermediate tensors: ``stem``, ``block_<i>``, ``reduction_1..5``,
+      ``reduction_<k>/expansion_output``, ``features`` (head activations),
+      ``pooled_features``, ``head`` (pre-identity logits), ``logits``.
+    """
+    if not isinstance(is_training, bool):
+        is_training = layers._static_bool(is_training)
+    act = layers.get_activation(_get(cfg, "activation", "swish"))
+    width = _get(cfg, "width_coefficient")
+    divisor = int(_get(cfg, "depth_divisor", 8))
+    min_depth = getattr(cfg, "min_depth", None)
+    bn_momentum = float(_get(cfg, "batch_norm_momentum", 0.99))
+    bn_epsilon = float(_get(cfg, "batch_norm_epsilon", 1e-3))
+    base_survival = getattr(cfg, "survival_prob", None)
+    dropout_rate = float(_get(cfg, "dropout_rate", 0.0))
+    num_classes = int(cfg.num_classes)
+
+    blocks = expand_block_args(cfg)
+    num_blocks = len(blocks)
+    endpoints = {}
+
+    with tf.compat.v1.variable_scope(cfg.name, reuse=reuse, use_resource=True):
+        with tf.compat.v1.variable_scope("stem"):
+            x = layers.conv2d(
+                images, round_filters(_get(cfg, "stem_filters", 32), width, divisor, min_depth),
+                3, 2, name="conv2d",
+            )
+            x = act(layers.batch_norm(x, is_training, bn_momentum, bn_epsilon))
+        endpoints["stem"] = x
+
+        reduction_idx = 0
+        for idx, args in enumerate(blocks):
+            is_reduction = idx == num_blocks - 1 or blocks[idx + 1].strides[0] > 1
+            if is_reduction:
+                reduction_idx += 1
+            survival_prob = None
+            if base_survival:
+                survival_prob = 1.0 - (1.0 - float(base_survival)) * float(idx) / num_blocks
+            block_endpoints = {}
+            with tf.compat.v1.variable_scope("blocks_%d" % idx):
+                x = _mbconv_block(
+                    x, args, is_training, act, survival_prob, bn_momentum, bn_epsilon,
+                    endpoints=block_endpoints,
+                )
+            endpoints["block_%d" % idx] = x
+            if is_reduction:
+                prefix = "reduction_%d" % reduction_idx
+                endpoints[prefix] = x
+                for key, value in block_endpoints.items():
+                    endpoints["%s/%s" % (prefix, key)] = value
+
+        with tf.compat.v1.variable_scope("head"):
+            x = layers.conv2d(
+                x, round_filters(_get(cfg, "head_filters", 1280), width, divisor, min_depth),
+                1, name="conv2d",
+            )
+            x = act(layers.batch_norm(x, is_training, bn_momentum, bn_epsilon))
+            endpoints["features"] = x
+            x = tf.reduce_mean(x, axis=[1, 2])
+            endpoints["pooled_features"] = x
+            if is_training and dropout_rate > 0:
+                x = tf.nn.dropout(x, rate=dropout_rate)
+            x = layers.dense(x, num_classes, name="dense")
+            endpoints["head"] = x
+
+    logits = tf.identity(x, name="logits")
+    endpoints["logits"] = logits
+    return logits, endpoints
+
+
+def count_trainable_params(graph=None):
+    """Sum of the static sizes of the graph's TRAINABLE_VARIABLES."""
+    graph = graph or tf.compat.v1.get_default_graph()
+    total = 0
+    for v in graph.get_collection(tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES):
+        n = 1
+        for d in v.shape.as_list():
+            n *= int(d)
+        total += n
+    return total

@@ -1,0 +1,360 @@
+"""Tests for effnet_exp.data: TFRecord parsing, preprocessing, tf.data pipeline, bundled digits."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from effnet_exp.data import bundled, pipeline, preprocessing
+from effnet_exp.data.config import DatasetConfig
+
+# (height, width) of the synthetic JPEGs: square, landscape, portrait, odd sizes.
+SIZES = [(40, 40), (48, 64), (64, 36), (35, 50), (100, 80), (32, 32), (57, 41)]
+EVAL_SIZE = 24  # 24 / (24 + 32) is not a short binary fraction: exercises the float32 crop maths
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pattern(height, width, seed):
+    y, x = np.mgrid[0:height, 0:width]
+    red = (x * 255.0 / max(width - 1, 1))
+    green = (y * 255.0 / max(height - 1, 1))
+    blue = (((x // 4 + y // 4 + seed) % 2) * 200.0 + 20.0)
+    return np.clip(np.stack([red, green, blue], axis=-1), 0, 255).astype(np.uint8)
+
+
+def _encode_jpegs(images):
+    graph = tf.Graph()
+    with graph.as_default():
+        placeholder = tf.compat.v1.placeholder(tf.uint8, [None, None, 3])
+        encoded = tf.image.encode_jpeg(placeholder, format="rgb", quality=95)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            return [sess.run(encoded, {placeholder: image}) for image in images]
+
+
+def _collect(build, max_batches=None, graph_seed=None):
+    """Build a dataset in a fresh graph and read it through a one-shot iterator."""
+    batches = []
+    with tf.Graph().as_default():
+        if graph_seed is not None:
+            tf.compat.v1.set_random_seed(graph_seed)
+        dataset = build()
+        next_batch = tf.compat.v1.data.make_one_shot_iterator(dataset).get_next()
+        with tf.compat.v1.Session() as sess:
+            while max_batches is None or len(batches) < max_batches:
+                try:
+                    batches.append(sess.run(next_batch))
+                except tf.errors.OutOfRangeError:
+                    break
+    return batches
+
+
+def _run_graph(fn):
+    with tf.Graph().as_default():
+        outputs = fn()
+        with tf.compat.v1.Session() as sess:
+            return sess.run(outputs)
+
+
+def _cfg(**overrides):
+    base = dict(shuffle_buffer=16, cycle_length=2, num_parallel_calls=2, prefetch=1)
+    base.update(overrides)
+    return DatasetConfig(**base)
+
+
+def _reference_eval(image_bytes, size, crop_padding=32):
+    """The reference EfficientNet eval preprocessing, composed directly from TF ops."""
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    height, width = shape[0], shape[1]
+    crop = tf.cast((size / (size + crop_padding)) * tf.cast(tf.minimum(height, width), tf.float32),
+                   tf.int32)
+    offset_h = ((height - crop) + 1) // 2
+    offset_w = ((width - crop) + 1) // 2
+    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([offset_h, offset_w, crop, crop]),
+                                          channels=3)
+    return tf.compat.v1.image.resize_bicubic([image], [size, size])[0]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """7 JPEG records (labels stored 1..7) in two Slim-format files, plus an image/label-key file."""
+    root = tmp_path_factory.mktemp("records")
+    images = [_pattern(h, w, i) for i, (h, w) in enumerate(SIZES)]
+    jpegs = _encode_jpegs(images)
+    labels = list(range(1, len(jpegs) + 1))
+
+    def examples(indices, **keys):
+        return [pipeline.make_example(jpegs[i], labels[i], height=SIZES[i][0], width=SIZES[i][1],
+                                      text="class{}".format(labels[i]),
+                                      filename="img{}.jpg".format(i), **keys) for i in indices]
+
+    slim = root / "slim"
+    slim.mkdir()
+    pipeline.write_tfrecord(str(slim / "train-00000-of-00002"), examples([0, 1, 2, 3]))
+    pipeline.write_tfrecord(str(slim / "train-00001-of-00002"), examples([4, 5, 6]))
+    pipeline.write_tfrecord(str(slim / "validation-00000-of-00002"), examples([0, 1, 2, 3]))
+    pipeline.write_tfrecord(str(slim / "validation-00001-of-00002"), examples([4, 5, 6]))
+    ascend = root / "ascend"
+    ascend.mkdir()
+    pipeline.write_tfrecord(str(ascend / "data.tfrecord"),
+                            examples(range(len(jpegs)), image_key="image", label_key="label"))
+    return {"slim": str(slim), "ascend": str(ascend), "jpegs": jpegs, "labels": labels}
+
+
+# --------------------------------------------------------------------------- files and records
+
+
+def test_config_import_does_not_import_tensorflow():
+    code = "import sys, effnet_exp.data.config; sys.exit('tensorflow' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.call([sys.executable, "-c", code], cwd=root) == 0
+
+
+def test_list_files_and_count_records(records):
+    files = pipeline.list_files(records["slim"], "validation-*")
+    assert [os.path.basename(f) for f in files] == ["validation-00000-of-00002",
+                                                    "validation-00001-of-00002"]
+    assert pipeline.count_records(files) == 7
+    assert pipeline.count_records(files[0]) == 4
+    assert pipeline.count_records(files) == sum(
+        1 for f in files for _ in tf.compat.v1.io.tf_record_iterator(f))
+
+
+def test_missing_files_error_names_folder(records, tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        pipeline.list_files(records["slim"], "nothing-*")
+    assert records["slim"] in str(info.value) and "nothing-*" in str(info.value)
+    missing = str(tmp_path / "no_such_dir")
+    with pytest.raises(FileNotFoundError) as info:
+        pipeline.build_dataset(_cfg(), missing, "train-*", 2, 24, is_training=True)
+    assert missing in str(info.value)
+
+
+def test_parse_record_keys_and_offset(records):
+    def build():
+        ds = tf.data.TFRecordDataset(os.path.join(records["ascend"], "data.tfrecord"))
+        cfg = _cfg(image_key="image", label_key="label", label_offset=1)
+        return ds.map(lambda s: pipeline.parse_record(s, cfg)).batch(10)
+
+    (image_bytes, labels), = _collect(build)
+    assert labels.dtype == np.int32
+    assert labels.tolist() == [l - 1 for l in records["labels"]]
+    assert list(image_bytes) == records["jpegs"]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_normalize_modes_and_unknown(records):
+    pixels = np.array([[[0.0, 127.5, 255.0]]], np.float32)
+    imagenet, unit = _run_graph(lambda: (preprocessing.normalize(tf.constant(pixels), "imagenet"),
+                                         preprocessing.normalize(tf.constant(pixels), "unit")))
+    np.testing.assert_allclose(imagenet, (pixels - MEAN) / STD, rtol=1e-6)
+    np.testing.assert_allclose(unit, pixels / 255.0, rtol=1e-6)
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="bogus"):
+            preprocessing.normalize(tf.constant(pixels), "bogus")
+        with pytest.raises(ValueError, match="bogus"):
+            pipeline.build_dataset(_cfg(normalization="bogus"), records["slim"], "train-*", 2, 24,
+                                   is_training=False)
+
+
+def test_eval_preprocessing_is_reference_bit_for_bit(records):
+    jpegs = records["jpegs"]
+
+    def both():
+        ours, ref = [], []
+        for data in jpegs:
+            image_bytes = tf.constant(data)
+            ours.append(preprocessing.preprocess_for_eval(image_bytes, EVAL_SIZE))
+            ref.append(_reference_eval(image_bytes, EVAL_SIZE))
+        return ours, ref
+
+    ours, ref = _run_graph(both)
+    for a, b in zip(ours, ref):
+        assert a.dtype == np.float32 and a.shape == (EVAL_SIZE, EVAL_SIZE, 3)
+        assert np.array_equal(a, b)
+
+    # The crop window matches numpy float32 maths, and the window decode is (up to JPEG chroma
+    # upsampling at the window edges) the same pixels as a full decode sliced with numpy.
+    full = _run_graph(lambda: [tf.image.decode_jpeg(tf.constant(d), channels=3) for d in jpegs])
+    windows = _run_graph(lambda: [tf.stack(_window(d)) for d in jpegs])
+    cropped = _run_graph(lambda: [
+        tf.image.decode_and_crop_jpeg(tf.constant(d), tf.stack(_window(d)), channels=3)
+        for d in jpegs])
+    for (h, w), image, window, crop in zip(SIZES, full, windows, cropped):
+        size = int(np.float32(EVAL_SIZE / (EVAL_SIZE + 32.0)) * np.float32(min(h, w)))
+        oh, ow = (h - size + 1) // 2, (w - size + 1) // 2
+        assert window.tolist() == [oh, ow, size, size]
+        assert crop.shape == (size, size, 3)
+        reference = image[oh:oh + size, ow:ow + size].astype(np.float32)
+        assert np.abs(crop.astype(np.float32) - reference).mean() < 2.0
+
+
+def _window(data):
+    shape = tf.image.extract_jpeg_shape(tf.constant(data))
+    crop = tf.cast((EVAL_SIZE / (EVAL_SIZE + 32)) * tf.cast(tf.minimum(shape[0], shape[1]),
+                                                             tf.float32), tf.int32)
+    return [((shape[0] - crop) + 1) // 2, ((shape[1] - crop) + 1) // 2, crop, crop]
+
+
+def test_train_falls_back_to_centre_crop_when_sampling_fails(records):
+    # area_range (1, 1) can only yield the whole image -> the reference falls back to eval.
+    def both():
+        pairs = []
+        for data in records["jpegs"]:
+            image_bytes = tf.constant(data)
+            pairs.append((preprocessing.preprocess_for_train(
+                image_bytes, EVAL_SIZE, min_object_covered=1.0, area_range=(1.0, 1.0),
+                random_flip=False, seed=3),
+                preprocessing.preprocess_for_eval(image_bytes, EVAL_SIZE)))
+        return pairs
+
+    for train, evaluation in _run_graph(both):
+        assert np.array_equal(train, evaluation)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_eval_dataset_shapes_values_and_exact_once(records):
+    batches = _collect(lambda: pipeline.build_dataset(
+        _cfg(label_offset=1), records["slim"], "validation-*", 3, EVAL_SIZE, is_training=False))
+    assert [b[1].shape[0] for b in batches] == [3, 3, 1]
+    labels = np.concatenate([b[1] for b in batches])
+    assert labels.dtype == np.int32
+    assert labels.tolist() == [l - 1 for l in records["labels"]]  # files in order, offset applied
+    images = np.concatenate([b[0] for b in batches])
+    assert images.dtype == np.float32 and images.shape == (7, EVAL_SIZE, EVAL_SIZE, 3)
+    assert np.all(np.isfinite(images))
+    assert -3.5 < images.min() and images.max() < 4.0
+    assert abs(float(images.mean())) < 1.0  # imagenet normalisation: roughly centred
+
+    # Bit for bit before normalisation: the eval map over the same records, ours vs the reference
+    # composition (the normalisation itself may differ by an ulp between graph contexts).
+    def both():
+        ds = tf.data.TFRecordDataset(pipeline.list_files(records["slim"], "validation-*"))
+        ds = ds.map(lambda s: pipeline.parse_record(s, _cfg())[0])
+        return ds.map(lambda b: (preprocessing.preprocess_image(b, EVAL_SIZE, False, _cfg()),
+                                 _reference_eval(b, EVAL_SIZE))).batch(7)
+
+    (ours, ref), = _collect(both)
+    assert ours.dtype == np.float32 and np.array_equal(ours, ref)
+    np.testing.assert_allclose(images, (ref - MEAN) / STD, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_unit_scale_range(records):
+    batches = _collect(lambda: pipeline.build_dataset(
+        _cfg(normalization="unit"), records["slim"], "validation-*", 4, 32, is_training=False))
+    images = np.concatenate([b[0] for b in batches]) * 255.0
+    assert images.shape == (7, 32, 32, 3)
+    assert np.all(np.isfinite(images)) and images.min() > -50 and images.max() < 300
+
+
+def test_train_dataset_shapes_and_ranges(records):
+    batches = _collect(lambda: pipeline.build_dataset(
+        _cfg(normalization="unit"), records["slim"], "train-*", 4, 32, is_training=True, seed=1),
+        max_batches=6)
+    assert len(batches) == 6  # repeats forever
+    for images, labels in batches:
+        assert images.dtype == np.float32 and images.shape == (4, 32, 32, 3)
+        assert labels.dtype == np.int32 and labels.shape == (4,)
+        pixels = images * 255.0
+        assert np.all(np.isfinite(pixels)) and pixels.min() > -50 and pixels.max() < 300
+    labels = np.concatenate([b[1] for b in batches])
+    assert set(labels.tolist()) == set(records["labels"])  # every record visited, no offset
+
+    with tf.Graph().as_default():
+        ds = pipeline.build_dataset(_cfg(), records["slim"], "train-*", 4, 32, True)
+        images_spec, labels_spec = tf.compat.v1.data.get_output_shapes(ds)
+        assert images_spec.as_list() == [4, 32, 32, 3] and labels_spec.as_list() == [4]
+    normalised = _collect(lambda: pipeline.build_dataset(
+        _cfg(), records["slim"], "train-*", 4, 32, is_training=True, seed=1), max_batches=4)
+    images = np.concatenate([b[0] for b in normalised])
+    assert np.all(np.isfinite(images)) and -3.5 < images.min() and images.max() < 4.0
+    assert abs(float(images.mean())) < 1.0
+
+
+def test_train_is_deterministic_given_seed(records):
+    def run(seed):
+        return _collect(lambda: pipeline.build_dataset(
+            _cfg(num_parallel_calls=1), records["slim"], "train-*", 4, 24, is_training=True,
+            seed=seed), max_batches=5)
+
+    first, second, other = run(7), run(7), run(8)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, second))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
+    order = np.concatenate([b[1] for b in first])
+    assert not np.array_equal(order, np.concatenate([b[1] for b in other]))
+
+
+@pytest.mark.parametrize("pattern", ["validation-*", "validation-00000-*"])
+def test_sharding_covers_every_record_once(records, pattern):
+    # Two files -> file-level shards; one file -> record-level shards.
+    seen = []
+    for index in range(2):
+        batches = _collect(lambda: pipeline.build_dataset(
+            _cfg(), records["slim"], pattern, 2, 24, is_training=False, num_shards=2,
+            shard_index=index))
+        seen.append(np.concatenate([b[1] for b in batches]).tolist())
+    expected = 7 if pattern == "validation-*" else 4
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == records["labels"][:expected]
+
+
+# --------------------------------------------------------------------------- bundled digits
+
+
+def test_prepare_digits(tmp_path):
+    with pytest.raises(ValueError, match="digits"):
+        bundled.prepare_builtin("nope", str(tmp_path))
+    info = bundled.prepare_builtin("digits", str(tmp_path / "cache"))
+    folder = info["data_dir"]
+    assert folder == os.path.join(str(tmp_path / "cache"), "digits-v1")
+    assert info["num_classes"] == 10 and info["class_names"] == [str(i) for i in range(10)]
+    assert info["num_train"] + info["num_eval"] == 1797
+    assert 0.18 < info["num_eval"] / 1797.0 < 0.22
+    with open(os.path.join(folder, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    for split in ("train", "validation"):
+        per_class = manifest["splits"][split]["per_class"]
+        assert sorted(per_class) == info["class_names"] and min(per_class.values()) > 0
+        for name in manifest["splits"][split]["files"]:
+            assert os.path.isfile(os.path.join(folder, name))
+    with open(os.path.join(folder, "labels.txt")) as handle:
+        assert handle.read().split() == info["class_names"]
+    train_files = pipeline.list_files(folder, "train-*")
+    eval_files = pipeline.list_files(folder, "validation-*")
+    assert [os.path.basename(f) for f in train_files] == ["train-00000-of-00002",
+                                                          "train-00001-of-00002"]
+    assert pipeline.count_records(train_files) == info["num_train"]
+    assert pipeline.count_records(eval_files) == info["num_eval"]
+    assert [p for p in os.listdir(str(tmp_path / "cache")) if p != "digits-v1"] == []
+
+    stamps = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+    again = bundled.prepare_builtin("digits", str(tmp_path / "cache"))
+    assert again == info
+    assert stamps == {name: os.stat(os.path.join(folder, name)).st_mtime_ns
+                      for name in os.listdir(folder)}
+
+    # Raw JPEGs decode to 32x32x3; the eval pipeline sees every validation record once.
+    def decode_some():
+        ds = tf.data.TFRecordDataset(eval_files).take(5)
+        ds = ds.map(lambda s: pipeline.parse_record(s, DatasetConfig()))
+        return ds.map(lambda b, l: (tf.io.decode_jpeg(b, channels=3), l)).batch(5)
+
+    (images, labels), = _collect(decode_some)
+    assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.min() >= 0 and labels.max() <= 9
+    batches = _collect(lambda: pipeline.build_dataset(
+        _cfg(), folder, "validation-*", 64, 32, is_training=False))
+    labels = np.concatenate([b[1] for b in batches])
+    assert len(labels) == info["num_eval"]
+    assert np.bincount(labels, minlength=10).tolist() == [
+        manifest["splits"]["validation"]["per_class"][name] for name in info["class_names"]]
