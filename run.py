@@ -1,10 +1,12 @@
 """Entry point: `python run.py [overrides]`, `python run.py -m sweep=overrides`."""
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from effnet_exp.config import register_configs
+from effnet_exp.resume import pick_run_dir
 
 register_configs()
+OmegaConf.register_new_resolver("run_dir", pick_run_dir)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

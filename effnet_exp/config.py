@@ -4,27 +4,32 @@ Importing this module never imports TensorFlow, so Hydra rejects bad keys and va
 """
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from effnet_exp.data.config import DatasetConfig
 from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDeviceConfig
+from effnet_exp.export.config import ExportConfig
 from effnet_exp.model.config import ModelConfig
-from effnet_exp.training.config import EvalConfig, OptimizerConfig, TrainConfig
+from effnet_exp.training.config import EvalConfig, OptimizerConfig, PredictConfig, TrainConfig
 
 
 class Mode(enum.Enum):
     train_eval = "train_eval"
     train = "train"
     eval = "eval"
+    predict = "predict"
+    export = "export"
 
 
 @dataclass
 class RunConfig:
     mode: Mode = Mode.train_eval
     seed: int = 0
+    # A run folder to continue: its saved config, with this command line's key=value overrides on top.
+    resume: Optional[str] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -32,6 +37,11 @@ class RunConfig:
     device: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+DEVICE_SCHEMAS = {"cpu": CpuDeviceConfig, "gpu": GpuDeviceConfig, "ascend": AscendDeviceConfig}
 
 
 def register_configs():

@@ -1,4 +1,5 @@
-"""The run object: turns the composed config into a data source, a trainer and an evaluator, and runs them."""
+"""The run object: turns the composed config into a data source, a trainer, an evaluator or a predictor."""
+import dataclasses
 import logging
 import os
 import random
@@ -11,6 +12,8 @@ from effnet_exp.config import Mode
 from effnet_exp.errors import UserError
 
 log = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("imagenet", "unit", "lite")
 
 
 def model_image_size(cfg):
@@ -28,53 +31,146 @@ class Experiment(object):
 
     def _validate(self):
         from effnet_exp.devices.session import check_device_available
+        from effnet_exp.training.optimizers import OPTIMIZERS
 
         cfg = self.cfg
         check_device_available(cfg.device)
-        if cfg.mode == Mode.eval and not cfg.eval.checkpoint:
-            raise UserError("mode=eval needs eval.checkpoint=<checkpoint prefix or run folder>")
+        if cfg.mode in (Mode.eval, Mode.predict, Mode.export) and not cfg.eval.checkpoint:
+            raise UserError("mode={} needs eval.checkpoint=<checkpoint prefix, run folder or "
+                            "package:<variant>>".format(cfg.mode.value))
+        if cfg.mode == Mode.predict and not cfg.predict.images:
+            raise UserError("mode=predict needs predict.images=[a.jpg,b.png]")
+        if cfg.mode == Mode.export:
+            from effnet_exp.export.config import check_export_config
+            check_export_config(cfg.export)
         if cfg.train.batch_size < 1 or cfg.eval.batch_size < 1:
             raise UserError("train.batch_size and eval.batch_size must be at least 1")
         if cfg.train.steps is None and cfg.train.epochs is None:
             raise UserError("set train.steps or train.epochs")
         if self.image_size < 32:
             raise UserError("image size {} is too small: EfficientNet downsamples by 32".format(self.image_size))
-        from effnet_exp.training.optimizers import OPTIMIZERS
         if cfg.optimizer.name not in OPTIMIZERS:
             raise UserError("optimizer.name={!r} is not one of {}".format(cfg.optimizer.name, ", ".join(OPTIMIZERS)))
-        if cfg.dataset.normalization not in ("imagenet", "unit"):
-            raise UserError("dataset.normalization={!r} is not one of imagenet, unit".format(
-                cfg.dataset.normalization))
+        for key, value in (("dataset.normalization", cfg.dataset.normalization),
+                           ("model.normalization", cfg.model.normalization)):
+            if value is not None and value not in NORMALIZATIONS:
+                raise UserError("{}={!r} is not one of {}".format(key, value, ", ".join(NORMALIZATIONS)))
+        if cfg.train.nonfinite_policy not in ("stop", "skip"):
+            raise UserError("train.nonfinite_policy={!r} is not one of stop, skip".format(
+                cfg.train.nonfinite_policy))
+        if cfg.model.pretrained_weights not in ("ema", "raw"):
+            raise UserError("model.pretrained_weights={!r} is not one of ema, raw".format(
+                cfg.model.pretrained_weights))
 
     def run(self):
-        from effnet_exp.data.source import resolve_data_source
         from effnet_exp.devices.session import make_session_config
-        from effnet_exp.training.checkpoints import resolve_checkpoint
 
         cfg = self.cfg
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        checkpoint = resolve_checkpoint(cfg.eval.checkpoint) if cfg.mode == Mode.eval else None
-        source = resolve_data_source(cfg.dataset, need_train=cfg.mode != Mode.eval,
-                                     need_eval=cfg.mode != Mode.train)
-        if source.class_names:
-            from effnet_exp.run_files import atomic_write_text
-            atomic_write_text(os.path.join(self.run_dir, "labels.txt"), "\n".join(source.class_names) + "\n")
+        # The weights' expected input scaling travels with the model (e.g. Lite: (x - 127) / 128).
+        if cfg.model.normalization:
+            cfg.dataset = dataclasses.replace(cfg.dataset, normalization=cfg.model.normalization)
         session_config = make_session_config(cfg.device)
+        if cfg.mode == Mode.predict:
+            return self._predict(session_config)
+        if cfg.mode == Mode.export:
+            return self._export(session_config)
+        checkpoint, class_names = None, None
+        if cfg.mode == Mode.eval:
+            checkpoint, class_names = self._checkpoint_model()
+        pretrained = None
+        if cfg.mode != Mode.eval and cfg.model.pretrained:
+            from effnet_exp.model.restore import resolve_weights
+            pretrained = resolve_weights(cfg.model.pretrained, cfg.dataset.cache_dir)
+
+        from effnet_exp.data.source import resolve_data_source
+        from effnet_exp.training.evaluator import Evaluator
+
+        evaluates = cfg.mode != Mode.train or bool(cfg.train.eval_every)
+        source = resolve_data_source(cfg.dataset, need_train=cfg.mode != Mode.eval, need_eval=evaluates)
+        self._write_labels(source.class_names or class_names)
         log.info("run folder %s; model %s at %dx%d, %d classes; data %s", self.run_dir, cfg.model.name,
                  self.image_size, self.image_size, cfg.model.num_classes, source.data_dir)
-        result = None
+        evaluator = Evaluator(cfg, source, self.run_dir, session_config, self.image_size) if evaluates else None
+        result, trained = None, {}
         if cfg.mode in (Mode.train_eval, Mode.train):
             from effnet_exp.training.trainer import Trainer
-            trained = Trainer(cfg, source, self.run_dir, session_config, self.image_size).train()
+            trained = Trainer(cfg, source, self.run_dir, session_config, self.image_size, pretrained=pretrained,
+                              evaluate=evaluator.evaluate if evaluator else None).train()
             checkpoint = trained["checkpoint"]
             result = trained.get("top1")
         if cfg.mode in (Mode.train_eval, Mode.eval):
-            from effnet_exp.training.evaluator import Evaluator
-            result = Evaluator(cfg, source, self.run_dir, session_config, self.image_size).evaluate(
-                checkpoint)["top1"]
+            result = (trained.get("eval") if cfg.mode == Mode.train_eval else None) or evaluator.evaluate(checkpoint)
+            result = result["top1"]
             print("eval top1 {:.4f}".format(result))
         return float(result) if result is not None else float("nan")
+
+    def _checkpoint_model(self):
+        """Resolves eval.checkpoint; a run folder's checkpoint brings the model (and class names) that made it."""
+        from effnet_exp.model.config import ModelConfig
+        from effnet_exp.model.restore import checkpoint_num_classes, resolve_weights
+        from effnet_exp.run_folder import run_folder_of, saved_class_names, saved_model_config
+
+        cfg = self.cfg
+        checkpoint = resolve_weights(cfg.eval.checkpoint, cfg.dataset.cache_dir)
+        run_dir = run_folder_of(checkpoint)
+        if run_dir:
+            cfg.model, self.image_size, normalization = saved_model_config(run_dir, ModelConfig)
+            cfg.dataset = dataclasses.replace(cfg.dataset, normalization=normalization)
+            log.info("model %s at %d px and %s normalisation, as trained in %s", cfg.model.name,
+                     self.image_size, normalization, run_dir)
+            class_names = saved_class_names(run_dir)
+        else:
+            class_names = None
+            if cfg.mode in (Mode.predict, Mode.export):
+                # No dataset is involved: the model's own size and class count, not the dataset's.
+                self.image_size = cfg.model.image_size or cfg.model.resolution
+                found = checkpoint_num_classes(checkpoint, cfg.model.name)
+                if found:
+                    cfg.model = dataclasses.replace(cfg.model, num_classes=found)
+        if cfg.mode == Mode.eval and cfg.model.num_classes != cfg.dataset.num_classes:
+            raise UserError("the checkpoint's model has {} classes but dataset.num_classes={}".format(
+                cfg.model.num_classes, cfg.dataset.num_classes))
+        return checkpoint, class_names
+
+    def _predict(self, session_config):
+        from effnet_exp.inference.predictor import Predictor, report
+
+        cfg = self.cfg
+        checkpoint, class_names = self._checkpoint_model()
+        if not class_names and cfg.model.num_classes == 1000:
+            from effnet_exp.data.imagenet_classes import imagenet_class_names
+            class_names = imagenet_class_names()
+        self._write_labels(class_names)
+        results = Predictor(cfg.model, self.image_size, cfg.dataset.normalization, cfg.dataset.crop_padding,
+                            class_names, session_config).predict(
+            checkpoint, list(cfg.predict.images), cfg.predict.top_k, cfg.model.pretrained_weights)
+        failed = report(results, self.run_dir)
+        if failed:
+            raise UserError("{} of {} images could not be predicted (see predictions.json)".format(
+                failed, len(results)))
+        return float(len(results))
+
+    def _export(self, session_config):
+        from effnet_exp.export.exporter import export_model, summary_text
+
+        cfg = self.cfg
+        checkpoint, class_names = self._checkpoint_model()
+        if not class_names and cfg.model.num_classes == 1000:
+            from effnet_exp.data.imagenet_classes import imagenet_class_names
+            class_names = imagenet_class_names()
+        self._write_labels(class_names)
+        manifest = export_model(checkpoint, cfg.model, self.image_size, cfg.dataset.normalization, self.run_dir,
+                                cfg.export, class_names=class_names, crop_padding=cfg.dataset.crop_padding,
+                                session_config=session_config)
+        print(summary_text(manifest))
+        return float(len(manifest["files"]))
+
+    def _write_labels(self, class_names):
+        if class_names:
+            from effnet_exp.run_files import atomic_write_text
+            atomic_write_text(os.path.join(self.run_dir, "labels.txt"), "\n".join(class_names) + "\n")
 
 
 def run_from_hydra(cfg):
@@ -82,16 +178,23 @@ def run_from_hydra(cfg):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from effnet_exp.resume import resumed_config, save_config
+
     hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
-        return Experiment(cfg, hydra_cfg.runtime.output_dir).run()
+        if cfg.resume:
+            cfg = resumed_config(os.path.abspath(cfg.resume), hydra_cfg.overrides.task)
+        else:
+            save_config(cfg, run_dir)
+        return Experiment(cfg, run_dir).run()
     except UserError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("%s", err)
             raise
         _log_to_files_only("error: {}".format(err))
         sys.stderr.write("error: {}\n".format(err))
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))
 
 
 def _log_to_files_only(message):

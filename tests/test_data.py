@@ -229,8 +229,12 @@ def test_eval_dataset_shapes_values_and_exact_once(records):
     assert [b[1].shape[0] for b in batches] == [3, 3, 1]
     labels = np.concatenate([b[1] for b in batches])
     assert labels.dtype == np.int32
-    assert labels.tolist() == [l - 1 for l in records["labels"]]  # files in order, offset applied
-    images = np.concatenate([b[0] for b in batches])
+    # Every record once, offset applied; shards are read in parallel (a fixed round-robin order).
+    assert sorted(labels.tolist()) == [l - 1 for l in records["labels"]]
+    again = _collect(lambda: pipeline.build_dataset(
+        _cfg(label_offset=1), records["slim"], "validation-*", 3, EVAL_SIZE, is_training=False))
+    assert np.concatenate([b[1] for b in again]).tolist() == labels.tolist()
+    images = np.concatenate([b[0] for b in batches])[np.argsort(labels)]
     assert images.dtype == np.float32 and images.shape == (7, EVAL_SIZE, EVAL_SIZE, 3)
     assert np.all(np.isfinite(images))
     assert -3.5 < images.min() and images.max() < 4.0
@@ -358,3 +362,142 @@ def test_prepare_digits(tmp_path):
     assert len(labels) == info["num_eval"]
     assert np.bincount(labels, minlength=10).tolist() == [
         manifest["splits"]["validation"]["per_class"][name] for name in info["class_names"]]
+
+
+# --------------------------------------------------------------------------- PNG, greyscale, CMYK, other formats
+
+
+def _encode_pngs(images):
+    with tf.Graph().as_default():
+        return _run_graph(lambda: [tf.image.encode_png(tf.constant(image)) for image in images])
+
+
+def _reference_eval_png(image_bytes, size, crop_padding=32):
+    """The reference centre crop on a fully decoded PNG: slice the same window, same resize."""
+    image = tf.io.decode_png(image_bytes, channels=3)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    crop = tf.cast((size / (size + crop_padding)) * tf.cast(tf.minimum(height, width), tf.float32),
+                   tf.int32)
+    offset_h = ((height - crop) + 1) // 2
+    offset_w = ((width - crop) + 1) // 2
+    window = image[offset_h:offset_h + crop, offset_w:offset_w + crop]
+    return tf.compat.v1.image.resize_bicubic([window], [size, size])[0]
+
+
+def test_png_eval_and_train_preprocessing():
+    images = [_pattern(h, w, i) for i, (h, w) in enumerate(SIZES)]
+    pngs = _encode_pngs(images)
+
+    def graph():
+        out = []
+        for data in pngs:
+            image_bytes = tf.constant(data)
+            out.append((preprocessing.preprocess_for_eval(image_bytes, EVAL_SIZE),
+                        _reference_eval_png(image_bytes, EVAL_SIZE),
+                        preprocessing.preprocess_for_eval(image_bytes, EVAL_SIZE, image_format="png"),
+                        preprocessing.preprocess_for_train(
+                            image_bytes, EVAL_SIZE, min_object_covered=1.0, area_range=(1.0, 1.0),
+                            random_flip=False, seed=3),
+                        preprocessing.preprocess_for_train(image_bytes, 32, seed=5)))
+        return out
+
+    for auto, reference, forced, fallback, train in _run_graph(graph):
+        assert auto.dtype == np.float32 and auto.shape == (EVAL_SIZE, EVAL_SIZE, 3)
+        assert np.array_equal(auto, reference) and np.array_equal(auto, forced)
+        assert np.array_equal(fallback, auto)  # sampling failed -> the eval crop, as for JPEG
+        assert train.shape == (32, 32, 3) and np.all(np.isfinite(train))
+        assert -50 < train.min() and train.max() < 300
+
+
+def test_greyscale_and_cmyk_jpegs_decode_to_rgb():
+    import io
+
+    from PIL import Image
+
+    pixels = _pattern(48, 64, 1)
+    pixels[..., 2] = 255 - pixels[..., 0] // 2  # smooth: JPEG chroma subsampling keeps it
+    out = {}
+    for mode in ("L", "CMYK"):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=95)
+        out[mode] = buffer.getvalue()
+    grey, cmyk = _run_graph(lambda: [preprocessing.preprocess_for_eval(tf.constant(out[m]), 32)
+                                     for m in ("L", "CMYK")])
+    assert grey.shape == cmyk.shape == (32, 32, 3)
+    assert np.abs(grey[..., 0] - grey[..., 1]).max() < 1e-3  # grey stays grey, in 3 channels
+    # CMYK comes back as the RGB it was made from (JPEG-lossy).
+    reference = _run_graph(lambda: preprocessing.preprocess_for_eval(
+        tf.constant(_encode_pngs([pixels])[0]), 32))
+    assert np.abs(cmyk - reference).mean() < 4.0
+
+
+def test_unsupported_format_is_a_clear_error():
+    gif = b"GIF89a" + b"\x01\x00\x01\x00\x00\x00\x00;" * 4
+    with tf.Graph().as_default():
+        image = preprocessing.preprocess_for_eval(tf.constant(gif), 32)
+        with tf.compat.v1.Session() as sess:
+            with pytest.raises(tf.errors.InvalidArgumentError) as info:
+                sess.run(image)
+    assert preprocessing.UNSUPPORTED_FORMAT_MESSAGE in info.value.message
+    with pytest.raises(ValueError, match="bmp"):
+        preprocessing.preprocess_for_eval(tf.constant(gif), 32, image_format="bmp")
+
+
+# --------------------------------------------------------------------------- DataSource input, options
+
+
+def test_build_from_data_source_options_and_cache(records):
+    from effnet_exp.data.source import DataSource
+
+    files = pipeline.list_files(records["slim"], "validation-*")
+    source = DataSource(records["slim"], [], files, None, 7, None)
+    cfg = _cfg(label_offset=1, private_threadpool_size=2, max_intra_op_parallelism=1, autotune=False,
+               cache_eval=True)
+    with tf.Graph().as_default():
+        dataset = pipeline.build_dataset(cfg, source, "ignored-*", 4, EVAL_SIZE, is_training=False)
+        images_spec, _ = tf.compat.v1.data.get_output_shapes(dataset)
+        assert images_spec.as_list() == [None, EVAL_SIZE, EVAL_SIZE, 3]
+        # cache_eval: a second pass over the same iterator gives the same batches.
+        iterator = tf.compat.v1.data.make_initializable_iterator(dataset.repeat(2))
+        batch = iterator.get_next()
+        with tf.compat.v1.Session() as sess:
+            sess.run(iterator.initializer)
+            seen = []
+            while True:
+                try:
+                    seen.append(sess.run(batch))
+                except tf.errors.OutOfRangeError:
+                    break
+    assert len(seen) == 4
+    for first, second in zip(seen[:2], seen[2:]):
+        assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert sorted(np.concatenate([b[1] for b in seen[:2]]).tolist()) == list(range(7))
+    with pytest.raises(ValueError, match="no training files"):
+        pipeline.build_dataset(cfg, source, None, 4, EVAL_SIZE, is_training=True)
+
+
+def test_tfrecord_source_reads_manifest_and_labels(records, tmp_path):
+    from effnet_exp.data.source import resolve_data_source
+    from effnet_exp.errors import UserError
+
+    folder = tmp_path / "withmanifest"
+    folder.mkdir()
+    for name in os.listdir(records["slim"]):
+        with open(os.path.join(records["slim"], name), "rb") as src:
+            (folder / name).write_bytes(src.read())
+    names = ["c{}".format(i) for i in range(7)]
+    (folder / "manifest.json").write_text(json.dumps(
+        {"num_classes": 7, "label_offset": 1, "class_names": names}))
+    source = resolve_data_source(DatasetConfig(data_dir=str(folder), num_classes=0, label_offset=1))
+    assert source.class_names == names and source.num_classes == 7
+    assert source.num_train == 7 and source.num_eval == 7 and source.kind == "tfrecord"
+    with pytest.raises(UserError, match="num_classes=5.*7 classes"):
+        resolve_data_source(DatasetConfig(data_dir=str(folder), num_classes=5, label_offset=1))
+    with pytest.raises(UserError, match="label_offset=0.*offset 1"):
+        resolve_data_source(DatasetConfig(data_dir=str(folder), num_classes=7, label_offset=0))
+    # Without a manifest, labels.txt names the classes when it has num_classes lines.
+    os.remove(str(folder / "manifest.json"))
+    (folder / "labels.txt").write_text("".join(n + "\n" for n in names))
+    source = resolve_data_source(DatasetConfig(data_dir=str(folder), num_classes=7, label_offset=1))
+    assert source.class_names == names

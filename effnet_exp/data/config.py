@@ -8,8 +8,16 @@ class DatasetConfig:
     name: str = "tfrecord"
     # Folder holding the TFRecord shards. Relative paths resolve against the directory run.py was started from.
     data_dir: Optional[str] = None
+    # dataset=image_folder: a folder with one sub-folder of JPEG/PNG images per class (class index = sorted
+    # folder names), or train/ and val/ trees of such folders. Wins over data_dir when set.
+    root: Optional[str] = None
+    # image_folder without a val/ tree: this fraction of each class (stratified, at least one image per
+    # class of two or more) is held out for evaluation, chosen by split_seed. 0: no validation split.
+    val_fraction: float = 0.2
+    split_seed: int = 0
     train_pattern: str = "train-*"
     eval_pattern: str = "validation-*"
+    # 0: take it from the data (image_folder: the number of class folders; TFRecords: their manifest.json).
     num_classes: int = 1000
     # Subtracted from the stored label (ImageNet TFRecords store 1..1000).
     label_offset: int = 0
@@ -33,7 +41,25 @@ class DatasetConfig:
     max_attempts: int = 10
     crop_padding: int = 32
     # tf.data knobs; -1 means AUTOTUNE.
+    # Records held for shuffling (serialized, before decoding): bounds the pipeline's memory.
     shuffle_buffer: int = 1024
+    # Shards (TFRecord files) read in parallel, and the read buffer of each. Large buffers help remote
+    # storage (the reference used 8 MB on GCS) but fragment the heap of a long run on local disks.
     cycle_length: int = 8
+    read_buffer_mb: float = 0.25
     num_parallel_calls: int = -1
     prefetch: int = -1
+    # Threads of the pipeline's own pool (0: TensorFlow's shared inter-op pool) and per-op threads.
+    private_threadpool_size: int = 0
+    max_intra_op_parallelism: int = 1
+    # tf.data's autotuning of AUTOTUNE values (always off on TF 1.15: its autotuner can crash at teardown).
+    autotune: bool = True
+    # Keep decoded evaluation images in memory after the first pass (memory grows with the eval set).
+    cache_eval: bool = False
+    # Bad data (truncated or corrupt TFRecord files, records without the image key, images that cannot
+    # be decoded): false stops the run with an error naming the file and record; true skips and counts
+    # them (logged, and "skipped_records" in eval.json). Labels outside [0, num_classes) always stop it.
+    skip_bad_records: bool = False
+    # TFRecord datasets up to this many MB are read once before training to check every record's framing,
+    # Example, image key and label (larger ones are checked as they are read). 0: never.
+    precheck_max_mb: int = 1024

@@ -1,14 +1,16 @@
 """EfficientNet image preprocessing in TensorFlow graph mode (TF 1.15 and TF 2.x).
 
 Training follows the reference EfficientNet recipe: a random distorted crop sampled on the
-JPEG's shape, decoding only that window, a centre-crop fallback when sampling failed, a
+image's shape, decoding only that window, a centre-crop fallback when sampling failed, a
 bicubic resize and an optional horizontal flip. Evaluation decodes a padded centre crop and
 resizes it bicubically. Both return float32 [S, S, 3] on the 0-255 scale; `normalize` applies
 the mean/std (or unit) scaling afterwards.
 
-Only JPEG input is handled today. The decoding is funnelled through `_image_shape` and
-`_decode_window`, which take an `image_format` argument, so another format (e.g. PNG: decode
-fully, then crop) can be added there without touching the crop logic.
+Input bytes may be JPEG or PNG; the format is detected in the graph from the leading bytes
+(not from a file name). JPEG (RGB, greyscale or CMYK) goes through `decode_and_crop_jpeg`, so only
+the crop window is decoded, exactly as in the reference. PNG (any bit depth, palette, alpha
+dropped) is decoded once and the window sliced from it. Anything else stops with
+"image data is neither JPEG nor PNG ...". `image_format="jpeg"` or `"png"` skips the detection.
 """
 import tensorflow as tf
 
@@ -22,32 +24,76 @@ DEFAULT_MAX_ATTEMPTS = 10
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-NORMALIZATION_MODES = ("imagenet", "unit")
+NORMALIZATION_MODES = ("imagenet", "unit", "lite")
 
-_SUPPORTED_FORMATS = ("jpeg",)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+UNSUPPORTED_FORMAT_MESSAGE = (
+    "image data is neither JPEG nor PNG (GIF, BMP, WebP, TIFF and other formats are not read: "
+    "convert them to JPEG or PNG)")
+_FORMATS = ("auto", "jpeg", "png")
 
 
 def _check_format(image_format):
-    fmt = str(image_format).lower()
+    fmt = "auto" if image_format is None else str(image_format).lower()
     if fmt == "jpg":
         fmt = "jpeg"
-    if fmt not in _SUPPORTED_FORMATS:
-        raise NotImplementedError(
-            "image_format {!r} is not supported yet (supported: {})".format(
-                image_format, ", ".join(_SUPPORTED_FORMATS)))
+    if fmt not in _FORMATS:
+        raise ValueError("image_format {!r} is not supported (expected one of: {})".format(
+            image_format, ", ".join(_FORMATS)))
     return fmt
 
 
-def _image_shape(image_bytes, image_format="jpeg"):
-    """int32 [height, width, channels] of the encoded image, without decoding it."""
-    _check_format(image_format)
-    return tf.image.extract_jpeg_shape(image_bytes)
+def is_png(image_bytes):
+    """Boolean scalar tensor: the bytes start with the PNG signature."""
+    return tf.equal(tf.strings.substr(image_bytes, 0, len(PNG_MAGIC)), PNG_MAGIC)
 
 
-def _decode_window(image_bytes, crop_window, image_format="jpeg"):
-    """Decode only crop_window = [offset_h, offset_w, h, w] of the image, as uint8 RGB."""
-    _check_format(image_format)
-    return tf.image.decode_and_crop_jpeg(image_bytes, crop_window, channels=3)
+class _Jpeg(object):
+    """Shape from the header; windows decoded directly (decode_and_crop_jpeg)."""
+
+    def __init__(self, image_bytes):
+        self.image_bytes = image_bytes
+
+    def shape(self):
+        # [height, width, components]: components is 1 for greyscale and 4 for CMYK JPEGs, as in
+        # the reference (which only ever compares it against a decoded 3-channel window).
+        return tf.image.extract_jpeg_shape(self.image_bytes)
+
+    def window(self, crop_window):
+        return tf.image.decode_and_crop_jpeg(self.image_bytes, crop_window, channels=3)
+
+
+class _Decoded(object):
+    """A fully decoded uint8 [H, W, 3] image; windows are slices of it."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def shape(self):
+        return tf.shape(self.image)
+
+    def window(self, crop_window):
+        offset_y, offset_x, height, width = tf.unstack(crop_window)
+        return tf.slice(self.image, tf.stack([offset_y, offset_x, 0]), tf.stack([height, width, 3]))
+
+
+def _png(image_bytes):
+    return _Decoded(tf.io.decode_png(image_bytes, channels=3, dtype=tf.uint8))
+
+
+def _by_format(image_bytes, image_format, build):
+    """build(source) for the JPEG or PNG reading of image_bytes, chosen in the graph (or forced)."""
+    fmt = _check_format(image_format)
+    if fmt == "jpeg":
+        return build(_Jpeg(image_bytes))
+    if fmt == "png":
+        return build(_png(image_bytes))
+    jpeg = tf.io.is_jpeg(image_bytes)
+    supported = tf.debugging.Assert(tf.logical_or(jpeg, is_png(image_bytes)),
+                                    [UNSUPPORTED_FORMAT_MESSAGE])
+    with tf.control_dependencies([supported]):
+        jpeg = tf.identity(jpeg)
+    return tf.cond(jpeg, lambda: build(_Jpeg(image_bytes)), lambda: build(_png(image_bytes)))
 
 
 def _resize(image, image_size):
@@ -55,9 +101,9 @@ def _resize(image, image_size):
     return tf.compat.v1.image.resize_bicubic([image], [image_size, image_size])[0]
 
 
-def _decode_and_center_crop(image_bytes, image_size, crop_padding=CROP_PADDING, image_format="jpeg"):
+def _center_crop(source, image_size, crop_padding=CROP_PADDING):
     """Reference eval path: padded centre crop, decoded directly, then bicubic resize."""
-    shape = _image_shape(image_bytes, image_format)
+    shape = source.shape()
     image_height = shape[0]
     image_width = shape[1]
     # Python float ratio times a float32 tensor, then truncation to int32: same as the reference.
@@ -69,13 +115,11 @@ def _decode_and_center_crop(image_bytes, image_size, crop_padding=CROP_PADDING, 
     offset_width = ((image_width - padded_center_crop_size) + 1) // 2
     crop_window = tf.stack([offset_height, offset_width,
                             padded_center_crop_size, padded_center_crop_size])
-    image = _decode_window(image_bytes, crop_window, image_format)
-    return _resize(image, image_size)
+    return _resize(source.window(crop_window), image_size)
 
 
-def _distorted_bounding_box_crop(image_bytes, min_object_covered, aspect_ratio_range, area_range,
-                                 max_attempts, seed=None, image_format="jpeg"):
-    shape = _image_shape(image_bytes, image_format)
+def _distorted_crop(source, min_object_covered, aspect_ratio_range, area_range, max_attempts, seed=None):
+    shape = source.shape()
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
     bbox_begin, bbox_size, _ = tf.compat.v1.image.sample_distorted_bounding_box(
         shape,
@@ -89,7 +133,7 @@ def _distorted_bounding_box_crop(image_bytes, min_object_covered, aspect_ratio_r
     offset_y, offset_x, _ = tf.unstack(bbox_begin)
     target_height, target_width, _ = tf.unstack(bbox_size)
     crop_window = tf.stack([offset_y, offset_x, target_height, target_width])
-    return _decode_window(image_bytes, crop_window, image_format)
+    return source.window(crop_window)
 
 
 def _at_least_x_are_equal(a, b, x):
@@ -112,8 +156,8 @@ def preprocess_for_train(image_bytes, image_size,
                          random_flip=True,
                          crop_padding=CROP_PADDING,
                          seed=None,
-                         image_format="jpeg"):
-    """Random-crop training preprocessing -> float32 [S, S, 3], 0-255 scale (not normalised).
+                         image_format="auto"):
+    """Random-crop training preprocessing of JPEG or PNG bytes -> float32 [S, S, 3], 0-255 scale.
 
     `seed` is an op-level seed (an int or None); combined with a graph-level seed it makes the
     sampled crops and flips reproducible. The flip uses seed + 1 so the two draws differ.
@@ -121,31 +165,34 @@ def preprocess_for_train(image_bytes, image_size,
     fixed, so per-element augmentation is only reproducible with num_parallel_calls=1.
     """
     image_size = int(image_size)
-    image = _distorted_bounding_box_crop(
-        image_bytes, min_object_covered, aspect_ratio_range, area_range, max_attempts,
-        seed=seed, image_format=image_format)
-    original_shape = _image_shape(image_bytes, image_format)
-    # Sampling failed when the window is the whole image (reference check: >= 3 dims equal).
-    bad = _at_least_x_are_equal(original_shape, tf.shape(image), 3)
-    image = tf.cond(
-        bad,
-        lambda: _decode_and_center_crop(image_bytes, image_size, crop_padding, image_format),
-        lambda: _resize(image, image_size))
+
+    def build(source):
+        image = _distorted_crop(source, min_object_covered, aspect_ratio_range, area_range,
+                                max_attempts, seed=seed)
+        # Sampling failed when the window is the whole image (reference check: >= 3 dims equal).
+        bad = _at_least_x_are_equal(source.shape(), tf.shape(image), 3)
+        return tf.cond(bad,
+                       lambda: _center_crop(source, image_size, crop_padding),
+                       lambda: _resize(image, image_size))
+
+    image = _by_format(image_bytes, image_format, build)
     if random_flip:
         image = _random_flip(image, seed=None if seed is None else int(seed) + 1)
     image = tf.reshape(image, [image_size, image_size, 3])
     return tf.cast(image, tf.float32)
 
 
-def preprocess_for_eval(image_bytes, image_size, crop_padding=CROP_PADDING, image_format="jpeg"):
-    """Reference eval preprocessing (centre crop + bicubic) -> float32 [S, S, 3], 0-255 scale."""
+def preprocess_for_eval(image_bytes, image_size, crop_padding=CROP_PADDING, image_format="auto"):
+    """Reference eval preprocessing (centre crop + bicubic) of JPEG or PNG bytes -> float32 [S, S, 3],
+    0-255 scale. Other formats fail at run time with UNSUPPORTED_FORMAT_MESSAGE."""
     image_size = int(image_size)
-    image = _decode_and_center_crop(image_bytes, image_size, crop_padding, image_format)
+    image = _by_format(image_bytes, image_format,
+                       lambda source: _center_crop(source, image_size, crop_padding))
     image = tf.reshape(image, [image_size, image_size, 3])
     return tf.cast(image, tf.float32)
 
 
-def preprocess_image(image_bytes, image_size, is_training, cfg=None, seed=None, image_format="jpeg"):
+def preprocess_image(image_bytes, image_size, is_training, cfg=None, seed=None, image_format="auto"):
     """Dispatch on is_training, taking augmentation settings from a DatasetConfig (or defaults)."""
     crop_padding = getattr(cfg, "crop_padding", CROP_PADDING)
     if is_training:
@@ -173,12 +220,15 @@ def check_normalization(mode):
 
 
 def normalize(images, mode):
-    """Scale float images on the 0-255 scale: "imagenet" (mean/std per channel) or "unit" (/255)."""
+    """Scale float images on the 0-255 scale: "imagenet" (mean/std per channel), "unit" (/255) or
+    "lite" ((x - 127) / 128, what the EfficientNet-Lite weights expect)."""
     key = check_normalization(mode)
     if key == "imagenet":
         images = tf.cast(images, tf.float32)
         mean = tf.constant(IMAGENET_MEAN, dtype=tf.float32)
         std = tf.constant(IMAGENET_STD, dtype=tf.float32)
         return (images - mean) / std
+    if key == "lite":
+        return (tf.cast(images, tf.float32) - 127.0) / 128.0
     # "unit"
     return tf.cast(images, tf.float32) / 255.0

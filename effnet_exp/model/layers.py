@@ -153,12 +153,13 @@ def batch_norm(
             )
             decay = 1.0 - float(momentum)
             with tf.compat.v1.name_scope("moving_average_update"):
+                # A non-finite batch (a NaN step that the trainer skips) must not poison the statistics.
                 update_mean = moving_mean.assign_sub(
-                    (moving_mean.read_value() - batch_mean) * decay,
+                    _finite_or_zero((moving_mean.read_value() - batch_mean) * decay),
                     read_value=False,
                 )
                 update_variance = moving_variance.assign_sub(
-                    (moving_variance.read_value() - batch_variance) * decay,
+                    _finite_or_zero((moving_variance.read_value() - batch_variance) * decay),
                     read_value=False,
                 )
             tf.compat.v1.add_to_collection(_UPDATE_OPS, update_mean)
@@ -169,6 +170,10 @@ def batch_norm(
                 epsilon=epsilon, data_format="NHWC", is_training=False,
             )
     return y
+
+
+def _finite_or_zero(t):
+    return tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
 
 
 def dense(x, units, name="dense"):
@@ -187,8 +192,15 @@ def dense(x, units, name="dense"):
     return y
 
 
+def swish_sigmoid(x):
+    """swish spelled out as ``x * sigmoid(x)``: plain Sigmoid and Mul ops (for exported graphs), the same values
+    as tf.nn.swish, which some TensorFlow versions build as an opaque function call."""
+    return x * tf.sigmoid(x)
+
+
 _ACTIVATIONS = {
     "swish": tf.nn.swish,
+    "swish_sigmoid": swish_sigmoid,
     "silu": tf.nn.swish,
     "relu6": tf.nn.relu6,
     "relu": tf.nn.relu,
@@ -196,7 +208,7 @@ _ACTIVATIONS = {
 
 
 def get_activation(name):
-    """Returns the activation function for ``name`` (swish/silu, relu6, relu)."""
+    """Returns the activation function for ``name`` (swish/silu, swish_sigmoid, relu6, relu)."""
     key = str(name).lower()
     if key not in _ACTIVATIONS:
         raise ValueError(

@@ -1,5 +1,7 @@
-"""Finding checkpoints: a prefix, a folder with a `checkpoint` state file, or a run folder."""
+"""Finding, saving and keeping checkpoints: a prefix, a folder with a `checkpoint` state file, or a run folder."""
+import json
 import os
+import shutil
 
 import tensorflow as tf
 
@@ -16,10 +18,9 @@ def latest_in(folder):
 
 
 def _exists(prefix):
-    try:
-        return tf.compat.v1.train.checkpoint_exists(prefix)
-    except tf.errors.OpError:  # TF 1.15 raises instead of answering False for a missing folder
-        return False
+    """A V2 checkpoint (prefix.index) or a V1 one (a file at prefix itself)."""
+    gfile = tf.io.gfile
+    return gfile.exists(prefix + ".index") or (gfile.exists(prefix) and not gfile.isdir(prefix))
 
 
 def resolve_checkpoint(path):
@@ -44,3 +45,52 @@ def checkpoint_step(prefix):
         return int(reader.get_tensor("global_step"))
     tail = prefix.rsplit("-", 1)
     return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
+
+
+def save_checkpoint(saver, sess, prefix, step, previous):
+    """saver.save with a clear error on a full disk or a read-only folder; the previous checkpoint survives
+    (TF writes the data under a temporary name and updates the `checkpoint` state file last)."""
+    try:
+        return saver.save(sess, prefix, global_step=step)
+    except (tf.errors.OpError, IOError, OSError) as err:
+        detail = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+        kept = "the previous checkpoint {} is intact".format(previous) if previous else "no earlier checkpoint"
+        raise UserError("cannot write checkpoint {}-{} in {}: {}; {}".format(
+            prefix, step, os.path.dirname(prefix), detail.strip().splitlines()[0], kept))
+
+
+class BestCheckpoint(object):
+    """checkpoints/best/: a copy of the checkpoint with the best eval top-1, outside the rotation."""
+
+    def __init__(self, checkpoint_dir):
+        self.folder = os.path.join(checkpoint_dir, "best")
+        self.record_path = os.path.join(self.folder, "best.json")
+        self.top1 = None
+        if os.path.isfile(self.record_path):
+            with open(self.record_path) as f:
+                self.top1 = json.load(f)["top1"]
+
+    def offer(self, prefix, step, top1):
+        """Keeps prefix if its top-1 beats the best so far; returns whether it did."""
+        if self.top1 is not None and top1 <= self.top1:
+            return False
+        staging = self.folder + ".tmp"
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+        os.makedirs(staging)
+        name = os.path.basename(prefix)
+        for path in tf.io.gfile.glob(prefix + ".*"):
+            shutil.copy2(path, os.path.join(staging, os.path.basename(path)))
+        with open(os.path.join(staging, "checkpoint"), "w") as f:
+            f.write('model_checkpoint_path: "{0}"\nall_model_checkpoint_paths: "{0}"\n'.format(name))
+        with open(os.path.join(staging, "best.json"), "w") as f:
+            json.dump({"step": step, "top1": top1, "checkpoint": name}, f)
+        # Swap the folders: at every moment one complete best checkpoint exists on disk.
+        old = self.folder + ".old"
+        if os.path.isdir(self.folder):
+            os.rename(self.folder, old)
+        os.rename(staging, self.folder)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        self.top1 = top1
+        return True

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.model.efficientnet import build_efficientnet
+from effnet_exp.model.restore import WeightsPlan, model_variables
 from effnet_exp.run_files import atomic_write_json
 from effnet_exp.training.checkpoints import checkpoint_step
 from effnet_exp.training.summaries import write_scalars
@@ -48,7 +49,9 @@ class Evaluator(object):
         graph = tf.Graph()
         with graph.as_default():
             iterator, count_ops = self._build()
-            saver = tf.compat.v1.train.Saver(tf.compat.v1.global_variables())
+            scope = self.cfg.model.name
+            plan = WeightsPlan(checkpoint, model_variables(scope), scope)
+            saver = plan.saver()
         graph.finalize()
         totals = {k: 0 for k in count_ops}
         started = time.time()

@@ -8,13 +8,19 @@ import numpy as np
 import tensorflow as tf
 
 from effnet_exp.data.pipeline import build_dataset
+from effnet_exp.errors import UserError
 from effnet_exp.model.efficientnet import build_efficientnet
+from effnet_exp.model.restore import HEAD_SCOPE, WeightsPlan, model_variables
 from effnet_exp.run_files import CHECKPOINT_DIR, CHECKPOINT_PREFIX, append_jsonl
-from effnet_exp.training.checkpoints import latest_in
+from effnet_exp.training.checkpoints import BestCheckpoint, latest_in, save_checkpoint
 from effnet_exp.training.optimizers import build_optimizer
+from effnet_exp.training.signals import StopRequests
 from effnet_exp.training.summaries import write_scalars
 
 log = logging.getLogger(__name__)
+
+class NonFiniteLoss(UserError):
+    pass
 
 
 def cross_entropy_loss(logits, labels, num_classes):
@@ -35,10 +41,15 @@ def total_train_steps(train_cfg, num_train_images):
 
 
 class Trainer(object):
-    """Builds the training graph from the run config and runs it, writing into run_dir."""
+    """Builds the training graph from the run config and runs it, writing into run_dir.
 
-    def __init__(self, cfg, source, run_dir, session_config, image_size):
+    evaluate: optional callable(checkpoint prefix) -> eval result dict, for train.eval_every.
+    """
+
+    def __init__(self, cfg, source, run_dir, session_config, image_size, pretrained=None, evaluate=None):
         self.cfg = cfg
+        self.pretrained = pretrained
+        self.evaluate = evaluate
         self.source = source
         self.run_dir = run_dir
         self.session_config = session_config
@@ -49,18 +60,45 @@ class Trainer(object):
 
     def build_step(self, images, labels, global_step):
         """Forward, loss and update for one batch; the unit a distribution strategy will replicate."""
-        logits, _ = build_efficientnet(images, self.cfg.model, is_training=True)
+        logits, _ = build_efficientnet(images, self.cfg.model, is_training=True,
+                                       freeze_bn=self.cfg.train.freeze_bn)
         loss = cross_entropy_loss(logits, labels, self.cfg.model.num_classes)
         learning_rate = tf.constant(self.cfg.optimizer.lr, tf.float32, name="learning_rate")
         optimizer = build_optimizer(self.cfg.optimizer, learning_rate)
+        grads_and_vars = optimizer.compute_gradients(loss, var_list=self.trained_variables())
         update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
         with tf.control_dependencies(update_ops):
-            train_op = optimizer.minimize(loss, global_step=global_step)
+            if self.cfg.train.nonfinite_policy == "skip":
+                train_op = self._apply_if_finite(optimizer, grads_and_vars, loss, global_step)
+            else:
+                train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
         return {"train_op": train_op, "loss": loss, "top1": top_k_accuracy(logits, labels, 1),
                 "lr": learning_rate}
 
+    @staticmethod
+    def _apply_if_finite(optimizer, grads_and_vars, loss, global_step):
+        """The update only when loss and gradients are finite; the step counts either way."""
+        grads = [g for g, _ in grads_and_vars if g is not None]
+        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(loss)),
+                                tf.math.is_finite(tf.linalg.global_norm(grads)))
+
+        def apply():
+            return optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+
+        def skip():
+            return tf.group(tf.compat.v1.assign_add(global_step, 1))
+
+        return tf.cond(finite, apply, skip)
+
+    def trained_variables(self):
+        variables = tf.compat.v1.trainable_variables()
+        if self.cfg.train.freeze_backbone:
+            head = self.cfg.model.name + "/" + HEAD_SCOPE
+            variables = [v for v in variables if v.op.name.startswith(head)]
+        return variables
+
     def train(self):
-        """Runs to train.steps (or train.epochs); returns the final checkpoint prefix and last metrics."""
+        """Runs to train.steps (or train.epochs); returns the last metrics with the final checkpoint prefix."""
         cfg = self.cfg
         graph = tf.Graph()
         with graph.as_default():
@@ -73,62 +111,159 @@ class Trainer(object):
             step_ops = self.build_step(images, labels, global_step)
             saver = tf.compat.v1.train.Saver(max_to_keep=cfg.train.keep_checkpoint_max,
                                              save_relative_paths=True)
+            initial_weights = self._initial_weights()
             init = tf.compat.v1.global_variables_initializer()
             # Created in the graph's context: on TF 2.x, FileWriter refuses to work eagerly.
             writer = tf.compat.v1.summary.FileWriter(os.path.join(self.run_dir, "tensorboard", "train"), graph)
             graph.finalize()
             try:
                 with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
-                    step = self._init_or_resume(sess, saver, init, global_step)
+                    step = self._init_or_resume(sess, saver, init, global_step, initial_weights)
                     sess.run(iterator.initializer)
-                    return self._loop(sess, step, step_ops, saver, writer)
+                    with StopRequests() as stop:
+                        return _Loop(self, sess, saver, writer, step_ops, stop).run(step)
             finally:
                 writer.close()
 
-    def _init_or_resume(self, sess, saver, init, global_step):
+    def _initial_weights(self):
+        """(plan, saver) for model.pretrained, unless the run folder has checkpoints of its own (they win)."""
+        if not self.pretrained or latest_in(self.checkpoint_dir):
+            return None
+        scope = self.cfg.model.name
+        plan = WeightsPlan(self.pretrained, model_variables(scope), scope, self.cfg.model.pretrained_weights,
+                           allow_new_head=True)
+        return plan, plan.saver()
+
+    def _init_or_resume(self, sess, saver, init, global_step, initial_weights):
         sess.run(init)
         resume_from = latest_in(self.checkpoint_dir)
         if resume_from:
             saver.restore(sess, resume_from)
             log.info("resumed from %s", resume_from)
+        elif initial_weights:
+            plan, pretrained_saver = initial_weights
+            pretrained_saver.restore(sess, plan.prefix)
+            log.info("initialised from pretrained weights: %s", plan.describe())
         return int(sess.run(global_step))
 
-    def _loop(self, sess, step, step_ops, saver, writer):
-        cfg = self.cfg.train
-        batch = cfg.batch_size
-        fetches = [step_ops["train_op"], step_ops["loss"], step_ops["top1"]]
-        lr = float(self.cfg.optimizer.lr)
-        prefix = os.path.join(self.checkpoint_dir, CHECKPOINT_PREFIX)
+
+class _Loop(object):
+    """The step loop's state: metrics since the last log line, checkpoint times, the NaN streak."""
+
+    def __init__(self, trainer, sess, saver, writer, step_ops, stop):
+        self.trainer = trainer
+        self.cfg = trainer.cfg.train
+        self.sess = sess
+        self.saver = saver
+        self.writer = writer
+        self.fetches = [step_ops["train_op"], step_ops["loss"], step_ops["top1"]]
+        self.stop = stop
+        self.prefix = os.path.join(trainer.checkpoint_dir, CHECKPOINT_PREFIX)
+        self.checkpoint = latest_in(trainer.checkpoint_dir)
+        self.best = BestCheckpoint(trainer.checkpoint_dir)
+        self.losses, self.top1s = [], []
+        self.nonfinite_streak = 0
+        self.last = {}
+        self.last_eval = None
+
+    def run(self, step):
+        trainer, cfg = self.trainer, self.cfg
+        total = trainer.total_steps
         log.info("training %s for %d steps of batch %d (%d images per epoch), from step %d",
-                 self.cfg.model.name, self.total_steps, batch, self.source.num_train, step)
-        losses, top1s = [], []
-        interval_start, started = time.time(), time.time()
-        saved_at, checkpoint = None, latest_in(self.checkpoint_dir)
-        last, start_step = {"step": step}, step
-        while step < self.total_steps:
-            _, loss, top1 = sess.run(fetches)
+                 trainer.cfg.model.name, total, cfg.batch_size, trainer.source.num_train, step)
+        self.started = self.interval_start = self.saved_time = time.time()
+        self.start_step = step
+        self.last = {"step": step}
+        while step < total:
+            _, loss, top1 = self.sess.run(self.fetches)
             step += 1
-            losses.append(loss)
-            top1s.append(top1)
-            if step % cfg.log_every == 0 or step == self.total_steps:
-                now = time.time()
-                last = {"step": step, "loss": float(np.mean(losses)), "top1": float(np.mean(top1s)),
-                        "lr": lr, "images_per_sec": len(losses) * batch / max(now - interval_start, 1e-9),
-                        "epoch": step * batch / float(self.source.num_train), "elapsed_sec": now - started}
-                if not np.isfinite(last["loss"]):
-                    last["loss"] = None  # JSON has no NaN
-                append_jsonl(self.metrics_path, last)
-                write_scalars(writer, step, {k: last[k] for k in ("loss", "top1", "lr", "images_per_sec")
-                                             if last[k] is not None})
-                eta = (self.total_steps - step) * (now - started) / (step - start_step)
-                log.info("step %d/%d loss %.4f top1 %.3f lr %.3g %.1f img/s eta %.0fs", step,
-                         self.total_steps, np.mean(losses), last["top1"], lr, last["images_per_sec"], eta)
-                losses, top1s = [], []
-                interval_start = time.time()
-            if step % cfg.checkpoint_every == 0 or step == self.total_steps:
-                checkpoint = saver.save(sess, prefix, global_step=step)
-                saved_at = step
-        if saved_at is None and checkpoint is None:
-            checkpoint = saver.save(sess, prefix, global_step=step)
-        last["checkpoint"] = checkpoint
-        return last
+            self._check_finite(step, loss)
+            self.losses.append(loss)
+            self.top1s.append(top1)
+            if step % cfg.log_every == 0 or step == total:
+                self._log(step)
+            if self._checkpoint_due(step):
+                self._save(step)
+            if cfg.eval_every and trainer.evaluate and step % cfg.eval_every == 0:
+                self._evaluate(step)
+            if self.stop.requested:
+                self._stop(step)
+        if self.checkpoint is None or not self.checkpoint.endswith("-%d" % step):
+            self._save(step)
+        self.last["checkpoint"] = self.checkpoint
+        if self.last_eval and self.last_eval["checkpoint"] == os.path.abspath(self.checkpoint):
+            self.last["eval"] = self.last_eval  # the final checkpoint is already evaluated
+        return self.last
+
+    def _check_finite(self, step, loss):
+        if np.isfinite(loss):
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        kept = "the last good checkpoint, {}, is kept".format(self.checkpoint) if self.checkpoint else \
+            "no checkpoint had been written yet"
+        if self.cfg.nonfinite_policy == "skip":
+            log.warning("step %d: loss is %s, update skipped (%d in a row)", step, loss, self.nonfinite_streak)
+            if self.nonfinite_streak < self.cfg.max_nonfinite_steps:
+                return
+            raise NonFiniteLoss("loss was not finite for {} steps in a row, up to step {}; {}".format(
+                self.nonfinite_streak, step, kept))
+        raise NonFiniteLoss("loss became {} at step {}; {} (lower optimizer.lr, or set "
+                            "train.nonfinite_policy=skip)".format(loss, step, kept))
+
+    def _log(self, step):
+        trainer, cfg = self.trainer, self.cfg
+        now = time.time()
+        losses = [l for l in self.losses if np.isfinite(l)]
+        last = {"step": step, "loss": float(np.mean(losses)) if losses else None,
+                "top1": float(np.mean(self.top1s)), "lr": float(trainer.cfg.optimizer.lr),
+                "images_per_sec": len(self.top1s) * cfg.batch_size / max(now - self.interval_start, 1e-9),
+                "epoch": step * cfg.batch_size / float(trainer.source.num_train),
+                "elapsed_sec": now - self.started}
+        self.last = last
+        self._write_metrics(last)
+        write_scalars(self.writer, step, {k: last[k] for k in ("loss", "top1", "lr", "images_per_sec")
+                                          if last[k] is not None})
+        eta = (trainer.total_steps - step) * (now - self.started) / (step - self.start_step)
+        log.info("step %d/%d loss %s top1 %.3f lr %.3g %.1f img/s eta %.0fs", step, trainer.total_steps,
+                 "%.4f" % last["loss"] if last["loss"] is not None else "nan", last["top1"], last["lr"],
+                 last["images_per_sec"], eta)
+        self.losses, self.top1s = [], []
+        self.interval_start = time.time()
+
+    def _write_metrics(self, record):
+        try:
+            append_jsonl(self.trainer.metrics_path, record)
+        except (IOError, OSError) as err:
+            raise UserError("cannot write {}: {}".format(self.trainer.metrics_path, err.strerror or err))
+
+    def _checkpoint_due(self, step):
+        cfg = self.cfg
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            return True
+        minutes = cfg.checkpoint_every_minutes
+        return bool(minutes) and time.time() - self.saved_time >= 60.0 * minutes
+
+    def _save(self, step):
+        self.checkpoint = save_checkpoint(self.saver, self.sess, self.prefix, step, self.checkpoint)
+        self.saved_time = time.time()
+
+    def _evaluate(self, step):
+        if self.checkpoint is None or not self.checkpoint.endswith("-%d" % step):
+            self._save(step)
+        result = self.trainer.evaluate(self.checkpoint)
+        self.last_eval = result
+        record = {"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"]}
+        is_best = self.best.offer(self.checkpoint, step, result["top1"])
+        record["best_eval_top1"] = self.best.top1
+        self._write_metrics(record)
+        write_scalars(self.writer, step, {"eval_top1": result["top1"]})
+        log.info("step %d eval top1 %.4f top5 %.4f%s", step, result["top1"], result["top5"],
+                 " (best so far, kept in checkpoints/best)" if is_best else "")
+
+    def _stop(self, step):
+        if self.losses:
+            self._log(step)
+        if self.checkpoint is None or not self.checkpoint.endswith("-%d" % step):
+            self._save(step)
+        raise self.stop.error(step, self.checkpoint)

@@ -1,0 +1,1 @@
+"""mode=export: frozen GraphDef, SavedModel and export.json (with ATC command lines) from a checkpoint."""

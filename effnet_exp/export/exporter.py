@@ -1,0 +1,432 @@
+"""mode=export: a checkpoint as a frozen GraphDef (model.pb), a SavedModel and export.json.
+
+Every graph is built fresh for inference (batch norm on its moving statistics, no dropout or drop-connect, no
+input pipeline, no optimizer), its variables are restored by name through WeightsPlan (the EMA shadows when
+the checkpoint has them and export.use_ema), and swish is spelled `x * sigmoid(x)` so that converters (ATC,
+TFLite-style tools) see plain Sigmoid and Mul ops. The whole `export/` folder is built under a temporary
+name in the run folder and renamed into place at the end: it is there complete or not at all.
+"""
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from effnet_exp.data.preprocessing import (CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD, check_normalization,
+                                           normalize, preprocess_for_eval)
+from effnet_exp.errors import UserError
+from effnet_exp.export.config import check_export_config
+from effnet_exp.model.efficientnet import build_efficientnet
+from effnet_exp.model.restore import WeightsPlan, model_variables
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"
+FROZEN_PB = "model.pb"
+IMAGE_BYTES_PB = "model_image_bytes.pb"
+SAVED_MODEL_DIR = "saved_model"
+MANIFEST = "export.json"
+
+INPUT = "input"
+IMAGE_BYTES = "image_bytes"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+OUTPUTS = (LOGITS, PROBABILITIES)
+SERVING_SIGNATURE = "serving_default"
+IMAGE_BYTES_SIGNATURE = "image_bytes"
+
+# Activations that have a converter-friendly spelling with the same values (and no variables of their own).
+EXPORT_ACTIVATIONS = {"swish": "swish_sigmoid", "silu": "swish_sigmoid"}
+
+# Never in an exported graph: variables, Python callbacks, randomness (dropout, drop-connect), input pipelines.
+FORBIDDEN_OPS = frozenset([
+    "VarHandleOp", "ReadVariableOp", "AssignVariableOp", "VariableV2", "Variable", "VarIsInitializedOp",
+    "PyFunc", "PyFuncStateless", "EagerPyFunc", "RandomUniform", "RandomUniformInt", "RandomStandardNormal",
+    "TruncatedNormal", "StatelessRandomUniformV2", "SaveV2", "RestoreV2",
+])
+FORBIDDEN_PREFIXES = ("Iterator", "AnonymousIterator", "MakeIterator", "Dataset")
+
+ALLOWED_OPS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allowed_ops.txt")
+
+# The export's self-check: the frozen graph's logits may differ from the restored variables' by this much,
+# relative to the largest logit (Grappler folds constants differently; tests check 1e-5 on small models).
+SELF_CHECK_TOLERANCE = 1e-4
+
+
+def export_model_config(model_cfg):
+    """A copy of model_cfg whose activation builds from plain ops; the variables are the same."""
+    act = str(getattr(model_cfg, "activation", None) or "swish").lower()
+    cfg = copy.copy(model_cfg)
+    cfg.activation = EXPORT_ACTIVATIONS.get(act, act)
+    return cfg
+
+
+def normalization_info(name):
+    """How `input` is scaled: (x - mean) / std per RGB channel on the 0-255 scale."""
+    try:
+        key = check_normalization(name)
+    except ValueError as err:
+        raise UserError("normalization: {}".format(err))
+    mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                 "lite": ((127.0,) * 3, (128.0,) * 3),
+                 "unit": ((0.0,) * 3, (255.0,) * 3)}[key]
+    return {"name": key, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "formula": "(x - mean) / std per RGB channel, x on the 0-255 scale"}
+
+
+def graph_op_types(graph_def):
+    """Sorted op types of a GraphDef, including those inside its function library."""
+    types = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+        types.update(node.op for node in function.node_def)
+    return sorted(types)
+
+
+def forbidden_op_types(op_types):
+    return sorted(t for t in op_types if t in FORBIDDEN_OPS or t.startswith(FORBIDDEN_PREFIXES))
+
+
+def allowed_op_types(path=ALLOWED_OPS_FILE):
+    """The op types model.pb may use (allowed_ops.txt: one a line, # comments)."""
+    with open(path) as f:
+        return sorted({line.split("#", 1)[0].strip() for line in f} - {""})
+
+
+def atc_output_name(soc_version):
+    """Ascend310 -> model_310 (ATC appends .om)."""
+    short = soc_version[len("Ascend"):] if soc_version.lower().startswith("ascend") else soc_version
+    return "model_" + (short or soc_version).lower()
+
+
+def atc_command(soc_version, batch_size, image_size, model_file=FROZEN_PB, dynamic_batch_sizes=None):
+    """The ATC command line compiling model_file for soc_version (run in the export folder)."""
+    batch = -1 if dynamic_batch_sizes else int(batch_size)
+    parts = ["atc", "--model=" + model_file, "--framework=3",
+             '--input_shape="{}:{},{},{},3"'.format(INPUT, batch, image_size, image_size)]
+    if dynamic_batch_sizes:
+        parts.append('--dynamic_batch_size="{}"'.format(",".join(str(int(b)) for b in dynamic_batch_sizes)))
+    parts += ['--out_nodes="{}"'.format(";".join(name + ":0" for name in OUTPUTS)),
+              "--soc_version=" + soc_version, "--output=" + atc_output_name(soc_version)]
+    return " ".join(parts)
+
+
+def _float_tower(cfg, image_size, normalization, batch_size, normalize_in_graph, reuse):
+    images = tf.compat.v1.placeholder(tf.float32, [batch_size, image_size, image_size, 3], name=INPUT)
+    model_input = normalize(images, normalization) if normalize_in_graph else images
+    logits, _ = build_efficientnet(model_input, cfg, is_training=False, reuse=reuse)
+    return images, logits, tf.nn.softmax(logits, name=PROBABILITIES)
+
+
+def _image_bytes_tower(cfg, image_size, normalization, batch_size, crop_padding, reuse):
+    data = tf.compat.v1.placeholder(tf.string, [batch_size], name=IMAGE_BYTES)
+    decoded = tf.compat.v1.map_fn(
+        lambda one: preprocess_for_eval(one, image_size, crop_padding=crop_padding),
+        data, dtype=tf.float32, back_prop=False, name="preprocess")
+    logits, _ = build_efficientnet(normalize(decoded, normalization), cfg, is_training=False, reuse=reuse)
+    return data, logits, tf.nn.softmax(logits, name=PROBABILITIES)
+
+
+class _Restored(object):
+    """One inference graph with its variables restored from the checkpoint, and its session."""
+
+    def __init__(self, spec, towers, checkpoint, weights, session_config):
+        self.graph = tf.Graph()
+        self.towers = {}
+        with self.graph.as_default():
+            for i, kind in enumerate(towers):
+                # The first tower owns the root names (input/image_bytes, logits, probabilities).
+                scope = tf.compat.v1.name_scope(kind) if i else _null_scope()
+                reuse = True if i else None  # later towers share the first one's variables
+                with scope:
+                    if kind == INPUT:
+                        self.towers[kind] = _float_tower(spec.cfg, spec.image_size, spec.normalization,
+                                                         spec.batch_size, spec.normalize_in_graph, reuse)
+                    else:
+                        self.towers[kind] = _image_bytes_tower(spec.cfg, spec.image_size, spec.normalization,
+                                                               spec.batch_size, spec.crop_padding, reuse)
+            self.plan = WeightsPlan(checkpoint, model_variables(spec.cfg.name), spec.cfg.name, weights)
+            saver = self.plan.saver()
+        self.sess = tf.compat.v1.Session(graph=self.graph, config=session_config)
+        try:
+            with self.graph.as_default():  # TF 2.x: outside a graph context, Saver.restore would run eagerly
+                saver.restore(self.sess, checkpoint)
+        except BaseException:
+            self.sess.close()
+            raise
+
+    def freeze(self):
+        """The graph with every variable folded into a constant, cut down to the two outputs."""
+        graph_def = self.graph.as_graph_def()
+        with self.graph.as_default():
+            frozen = tf.compat.v1.graph_util.convert_variables_to_constants(self.sess, graph_def, list(OUTPUTS))
+        pruned = tf.compat.v1.graph_util.remove_training_nodes(
+            frozen, protected_nodes=[INPUT, IMAGE_BYTES] + list(OUTPUTS))
+        # remove_training_nodes keeps only the nodes: the function library (TF 2.x control flow) goes back in.
+        pruned.library.CopyFrom(frozen.library)
+        pruned.versions.CopyFrom(frozen.versions)
+        frozen = _prune_library(pruned)
+        for node in frozen.node:
+            node.device = ""
+            if "_class" in node.attr:  # colocation with variables that no longer exist
+                del node.attr["_class"]
+        return frozen
+
+    def close(self):
+        self.sess.close()
+
+
+def _called_functions(nodes):
+    """Names of the functions these NodeDefs call: as their op type or through attrs (If/While branches...)."""
+    names = set()
+    for node in nodes:
+        names.add(node.op)
+        for value in node.attr.values():
+            if value.HasField("func"):
+                names.add(value.func.name)
+            names.update(f.name for f in value.list.func)
+    return names
+
+
+def _prune_library(graph_def):
+    """Keeps only the library functions the graph's nodes reach (a session graph holds every tower's)."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    if not functions:
+        return graph_def
+    reached, todo = set(), _called_functions(graph_def.node) & set(functions)
+    while todo:
+        name = todo.pop()
+        reached.add(name)
+        todo |= (_called_functions(functions[name].node_def) & set(functions)) - reached
+    kept = [f for f in graph_def.library.function if f.signature.name in reached]
+    gradients = [g for g in graph_def.library.gradient if g.function_name in reached]
+    del graph_def.library.function[:]
+    del graph_def.library.gradient[:]
+    graph_def.library.function.extend(kept)
+    graph_def.library.gradient.extend(gradients)
+    return graph_def
+
+
+class _null_scope(object):
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Spec(object):
+    def __init__(self, model_cfg, image_size, normalization, batch_size, normalize_in_graph, crop_padding):
+        self.cfg = export_model_config(model_cfg)
+        self.image_size = int(image_size)
+        self.normalization = normalization
+        self.batch_size = batch_size
+        self.normalize_in_graph = normalize_in_graph
+        self.crop_padding = crop_padding
+
+
+def run_frozen(graph_def, feeds, fetches=OUTPUTS):
+    """Runs a frozen GraphDef in a graph of its own: feeds {input name: array} -> list of arrays."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        return sess.run([name + ":0" for name in fetches],
+                        feed_dict={name + ":0": value for name, value in feeds.items()})
+
+
+def _self_check(restored, frozen, batch_size, image_size):
+    """The frozen graph must give the restored variables' logits; returns the largest difference."""
+    images = np.random.RandomState(0).normal(size=(batch_size or 2, image_size, image_size, 3)).astype(np.float32)
+    x, logits, _ = restored.towers[INPUT]
+    expected = restored.sess.run(logits, {x: images})
+    got = run_frozen(frozen, {INPUT: images}, [LOGITS])[0]
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= SELF_CHECK_TOLERANCE * max(1.0, float(np.max(np.abs(expected)))):
+        raise RuntimeError("the frozen graph's logits differ from the checkpoint's by {}".format(diff))
+    return diff
+
+
+def _tensor_entry(name, dtype, shape):
+    return {"name": name, "tensor": name + ":0", "dtype": dtype, "shape": [-1 if d is None else int(d) for d in shape]}
+
+
+def _write_graph(graph_def, path):
+    with open(path, "wb") as f:
+        f.write(graph_def.SerializeToString())
+
+
+def _save_model(restored, path):
+    sm = tf.compat.v1.saved_model
+    signatures = {}
+    for kind, key in ((INPUT, SERVING_SIGNATURE), (IMAGE_BYTES, IMAGE_BYTES_SIGNATURE)):
+        if kind in restored.towers:
+            x, logits, probabilities = restored.towers[kind]
+            with restored.graph.as_default():
+                signatures[key] = sm.predict_signature_def(
+                    inputs={kind: x}, outputs={LOGITS: logits, PROBABILITIES: probabilities})
+    with restored.graph.as_default():
+        builder = sm.Builder(path)
+        builder.add_meta_graph_and_variables(restored.sess, [sm.tag_constants.SERVING],
+                                             signature_def_map=signatures, strip_default_attrs=True)
+        builder.save()
+    return sorted(signatures)
+
+
+def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, export_cfg, class_names=None,
+                 crop_padding=CROP_PADDING, session_config=None):
+    """Writes run_dir/export/ (model.pb, model_image_bytes.pb, saved_model/, export.json as configured) and
+    returns the export.json content."""
+    check_export_config(export_cfg)
+    norm = normalization_info(normalization)
+    fmt = export_cfg.format
+    frozen_wanted = fmt in ("frozen_pb", "all")
+    saved_wanted = fmt in ("saved_model", "all")
+    batch_size = int(export_cfg.batch_size) if export_cfg.batch_size is not None else None
+    spec = _Spec(model_cfg, image_size, norm["name"], batch_size, bool(export_cfg.normalize_in_graph),
+                 crop_padding)
+    weights = "ema" if export_cfg.use_ema else "raw"
+    num_classes = int(model_cfg.num_classes)
+    out_dir = os.path.join(os.path.abspath(run_dir), EXPORT_DIR)
+    tmp_dir = tempfile.mkdtemp(dir=os.path.abspath(run_dir), prefix="." + EXPORT_DIR + ".", suffix=".tmp")
+    try:
+        manifest = _export_into(tmp_dir, checkpoint, spec, weights, num_classes, norm, export_cfg,
+                                frozen_wanted, saved_wanted, session_config)
+        manifest["export_dir"] = out_dir
+        manifest["class_names"] = list(class_names) if class_names else None
+        with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+        _move_into_place(tmp_dir, out_dir)
+    except (IOError, OSError) as err:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise UserError("cannot write the export to {}: {}".format(out_dir, err.strerror or err))
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_into(folder, checkpoint, spec, weights, num_classes, norm, export_cfg, frozen_wanted, saved_wanted,
+                 session_config):
+    batch = spec.batch_size
+    size = spec.image_size
+    float_inputs = [_tensor_entry(INPUT, "float32", [batch, size, size, 3])]
+    bytes_inputs = [_tensor_entry(IMAGE_BYTES, "string", [batch])]
+    outputs = [_tensor_entry(LOGITS, "float32", [batch, num_classes]),
+               _tensor_entry(PROBABILITIES, "float32", [batch, num_classes])]
+    files = {}
+    manifest = {
+        "checkpoint": checkpoint, "model": spec.cfg.name, "image_size": size, "num_classes": num_classes,
+        "batch_size": batch, "weights": weights, "format": export_cfg.format,
+        "tensorflow_version": tf.__version__, "layout": "NHWC",
+        "inputs": float_inputs, "outputs": outputs,
+        "normalization": dict(norm, in_graph=spec.normalize_in_graph),
+        "input_scale": ("0-255 RGB (normalised inside the graph)" if spec.normalize_in_graph
+                        else "normalised RGB: apply `normalization` to 0-255 pixels first"),
+        "preprocessing": {"eval": "centre crop of side image_size / (image_size + crop_padding) * min(height, "
+                                  "width), bicubic resize to image_size (legacy, no half-pixel centres)",
+                          "crop_padding": int(spec.crop_padding)},
+        "activation": spec.cfg.activation,
+        "files": files,
+    }
+    towers = [INPUT] + ([IMAGE_BYTES] if export_cfg.image_bytes_graph and saved_wanted else [])
+    restored = _Restored(spec, towers, checkpoint, weights, session_config)
+    try:
+        manifest["weights_restored"] = restored.plan.describe()
+        manifest["weights"] = "ema" if restored.plan.uses_ema else "raw"
+        log.info("exporting %s with %s", spec.cfg.name, restored.plan.describe())
+        if frozen_wanted:
+            frozen = restored.freeze()
+            manifest["self_check_max_abs_diff"] = _self_check(restored, frozen, batch, size)
+            _write_graph(frozen, os.path.join(folder, FROZEN_PB))
+            op_types = graph_op_types(frozen)
+            files["frozen_pb"] = {"path": FROZEN_PB, "inputs": float_inputs, "outputs": outputs,
+                                  "op_types": op_types}
+            unexpected = sorted(set(op_types) - set(allowed_op_types()))
+            if unexpected:
+                log.warning("model.pb uses op types outside %s: %s", ALLOWED_OPS_FILE, ", ".join(unexpected))
+        if saved_wanted:
+            signatures = _save_model(restored, os.path.join(folder, SAVED_MODEL_DIR))
+            files["saved_model"] = {"path": SAVED_MODEL_DIR, "tags": ["serve"], "signatures": {
+                SERVING_SIGNATURE: {"inputs": float_inputs, "outputs": outputs}}}
+            if IMAGE_BYTES_SIGNATURE in signatures:
+                files["saved_model"]["signatures"][IMAGE_BYTES_SIGNATURE] = {"inputs": bytes_inputs,
+                                                                             "outputs": outputs}
+    finally:
+        restored.close()
+    if export_cfg.image_bytes_graph and frozen_wanted:
+        restored = _Restored(spec, [IMAGE_BYTES], checkpoint, weights, session_config)
+        try:
+            frozen = restored.freeze()
+        finally:
+            restored.close()
+        _write_graph(frozen, os.path.join(folder, IMAGE_BYTES_PB))
+        files["image_bytes_pb"] = {"path": IMAGE_BYTES_PB, "inputs": bytes_inputs, "outputs": outputs,
+                                   "op_types": graph_op_types(frozen),
+                                   "note": "JPEG or PNG bytes, eval preprocessing and normalisation inside; "
+                                           "for TensorFlow, not for ATC"}
+    manifest["atc"] = _atc_entries(export_cfg.soc_versions, batch, size) if frozen_wanted else []
+    if not frozen_wanted:
+        manifest["atc_note"] = "ATC compiles model.pb: export with export.format=frozen_pb or all"
+    return manifest
+
+
+def _atc_entries(soc_versions, batch, size):
+    entries = []
+    for soc in soc_versions:
+        entry = {"soc_version": soc, "batch_size": batch or 1,
+                 "command": atc_command(soc, batch or 1, size), "cwd": "the export folder"}
+        if batch is None:
+            entry["note"] = ("model.pb has a dynamic batch; this command compiles batch 1. For several sizes: "
+                             + atc_command(soc, None, size, dynamic_batch_sizes=(1, 2, 4, 8)))
+        entries.append(entry)
+    return entries
+
+
+def _move_into_place(tmp_dir, out_dir):
+    """Renames the finished folder to out_dir; an older export there is replaced only once this one is whole."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp_dir, 0o777 & ~mask)  # mkdtemp makes folders private; results are ordinary folders
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix="." + EXPORT_DIR + ".", suffix=".old")
+        os.rename(out_dir, os.path.join(old, EXPORT_DIR))
+    os.rename(tmp_dir, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_text(manifest):
+    """What the run prints at the end: where the files are, their tensors and the atc command lines."""
+    batch = manifest["batch_size"]
+    lines = ["exported {} ({} weights, {}x{}, batch {}) to {}".format(
+        manifest["model"], manifest["weights"], manifest["image_size"], manifest["image_size"],
+        "dynamic" if batch is None else batch, manifest["export_dir"])]
+    for key in ("frozen_pb", "image_bytes_pb", "saved_model"):
+        entry = manifest["files"].get(key)
+        if not entry:
+            continue
+        if key == "saved_model":
+            for name, sig in sorted(entry["signatures"].items()):
+                lines.append("  {}/ signature {}: {}".format(entry["path"], name, _tensors(sig)))
+        else:
+            lines.append("  {}: {}".format(entry["path"], _tensors(entry)))
+    norm = manifest["normalization"]
+    lines.append("  input normalisation: {} (mean {}, std {}){}".format(
+        norm["name"], norm["mean"], norm["std"], ", inside the graph" if norm["in_graph"] else ""))
+    if manifest["atc"]:
+        note = "" if batch else " (model.pb's batch is dynamic: these compile batch 1)"
+        lines.append("atc command lines, run in {}{}:".format(manifest["export_dir"], note))
+        lines.extend("  " + entry["command"] for entry in manifest["atc"])
+    return "\n".join(lines)
+
+
+def _tensors(entry):
+    def fmt(t):
+        return "{} {} {}".format(t["tensor"], t["dtype"], t["shape"])
+    return "{} -> {}".format(", ".join(fmt(t) for t in entry["inputs"]), ", ".join(fmt(t) for t in entry["outputs"]))

@@ -1,0 +1,80 @@
+"""mode=predict: top-k classes for image files, one result (or one error) per file, in the order given."""
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
+from effnet_exp.model.efficientnet import build_efficientnet
+from effnet_exp.model.restore import WeightsPlan, model_variables
+from effnet_exp.run_files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class Predictor(object):
+    def __init__(self, model_cfg, image_size, normalization, crop_padding, class_names, session_config):
+        self.model_cfg = model_cfg
+        self.image_size = image_size
+        self.normalization = normalization
+        self.crop_padding = crop_padding
+        self.class_names = class_names
+        self.session_config = session_config
+
+    def predict(self, checkpoint, paths, top_k=5, weights="ema"):
+        top_k = min(top_k, self.model_cfg.num_classes)
+        graph = tf.Graph()
+        with graph.as_default():
+            # One file's bytes per call: inference on user files, not the training input pipeline.
+            image_bytes = tf.compat.v1.placeholder(tf.string, shape=[], name="image_bytes")
+            image = preprocess_for_eval(image_bytes, self.image_size, crop_padding=self.crop_padding)
+            images = tf.expand_dims(normalize(image, self.normalization), 0)
+            logits, _ = build_efficientnet(images, self.model_cfg, is_training=False)
+            probs, indices = tf.nn.top_k(tf.nn.softmax(logits)[0], k=top_k)
+            plan = WeightsPlan(checkpoint, model_variables(self.model_cfg.name), self.model_cfg.name, weights)
+            saver = plan.saver()
+        graph.finalize()
+        results = []
+        with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
+            saver.restore(sess, checkpoint)
+            log.info("predicting with %s", plan.describe())
+            for path in paths:
+                results.append(self._one(sess, image_bytes, probs, indices, path))
+        return results
+
+    def _one(self, sess, image_bytes, probs, indices, path):
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                data = f.read()
+        except (IOError, OSError) as err:
+            return {"image": path, "error": "cannot read {}: {}".format(path, err.strerror or err)}
+        try:
+            p, idx = sess.run([probs, indices], feed_dict={image_bytes: data})
+        except tf.errors.OpError as err:
+            first = (err.message or str(err)).strip().splitlines()[0]
+            return {"image": path, "error": "cannot decode {} as an image: {}".format(path, first)}
+        return {"image": path, "top5": [
+            {"index": int(i), "label": self._name(int(i)), "probability": float(q)}
+            for i, q in zip(idx, np.asarray(p))]}
+
+    def _name(self, index):
+        if self.class_names and index < len(self.class_names):
+            return self.class_names[index]
+        return str(index)
+
+
+def report(results, run_dir):
+    """Writes predictions.json and prints each file's classes; returns the number of files that failed."""
+    atomic_write_json(os.path.join(run_dir, "predictions.json"), results)
+    failed = 0
+    for result in results:
+        if "error" in result:
+            failed += 1
+            print("{}: error: {}".format(result["image"], result["error"]))
+            continue
+        print(result["image"])
+        for rank, item in enumerate(result["top5"], 1):
+            print("  {}. {:<30s} {:.4f}  (class {})".format(rank, item["label"], item["probability"],
+                                                          item["index"]))
+    return failed

@@ -1,0 +1,103 @@
+"""Loading model weights from a checkpoint by name, never through its meta graph.
+
+Used for pretrained initialisation, evaluation and prediction alike. Strict: every model variable must be in
+the checkpoint with the right shape, except the classifier when the class count differs (a new head).
+"""
+import logging
+import os
+
+import tensorflow as tf
+
+from effnet_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMA_SUFFIX = "/ExponentialMovingAverage"
+HEAD_SCOPE = "head/dense/"
+
+
+def model_variables(scope, graph=None):
+    """Weights and batch-norm statistics of the model under scope; no optimizer slots, no global step."""
+    graph = graph or tf.compat.v1.get_default_graph()
+    wanted = set(graph.get_collection(tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES))
+    wanted.update(graph.get_collection(tf.compat.v1.GraphKeys.MOVING_AVERAGE_VARIABLES))
+    return [v for v in graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
+            if v in wanted and v.op.name.startswith(scope + "/")]
+
+
+def checkpoint_shapes(prefix):
+    return tf.compat.v1.train.NewCheckpointReader(prefix).get_variable_to_shape_map()
+
+
+def checkpoint_num_classes(prefix, scope):
+    """The class count of the checkpoint's classifier, or None when it has none under scope."""
+    shape = checkpoint_shapes(prefix).get(scope + "/" + HEAD_SCOPE + "bias")
+    return int(shape[0]) if shape else None
+
+
+class WeightsPlan(object):
+    """Which checkpoint tensor feeds which variable; raises one UserError listing every problem."""
+
+    def __init__(self, prefix, variables, scope, weights="ema", allow_new_head=False):
+        if weights not in ("ema", "raw"):
+            raise UserError("model.pretrained_weights={!r} is not one of ema, raw".format(weights))
+        shapes = checkpoint_shapes(prefix)
+        self.prefix = prefix
+        self.uses_ema = weights == "ema" and any(k.endswith(EMA_SUFFIX) for k in shapes)
+        self.fresh = []  # variables left at their initial values (the new head)
+        self.var_map = {}
+        missing, mismatched = [], []
+        for var in variables:
+            name = var.op.name
+            key = name + EMA_SUFFIX if self.uses_ema and name + EMA_SUFFIX in shapes else name
+            want = var.shape.as_list()
+            if key not in shapes:
+                missing.append(name)
+            elif list(shapes[key]) != want:
+                if allow_new_head and name.startswith(scope + "/" + HEAD_SCOPE):
+                    self.fresh.append(var)
+                    continue
+                mismatched.append("{} (checkpoint {}, model {})".format(name, list(shapes[key]), want))
+            else:
+                self.var_map[key] = var
+        if missing or mismatched:
+            raise UserError(self._describe(prefix, scope, shapes, missing, mismatched))
+
+    @staticmethod
+    def _describe(prefix, scope, shapes, missing, mismatched):
+        def listing(names):
+            shown = ", ".join(names[:8])
+            return shown + (", ... ({} more)".format(len(names) - 8) if len(names) > 8 else "")
+
+        parts = ["checkpoint {} does not fit the model {}:".format(prefix, scope)]
+        if missing:
+            parts.append("{} variables missing: {}".format(len(missing), listing(missing)))
+        if mismatched:
+            parts.append("{} with other shapes: {}".format(len(mismatched), listing(mismatched)))
+        scopes = sorted({k.split("/")[0] for k in shapes if "/" in k})
+        if scope not in scopes:
+            parts.append("the checkpoint's variables are under {} (is model= the right variant?)".format(
+                ", ".join(s + "/" for s in scopes[:5]) or "no scope"))
+        return " ".join(parts)
+
+    def saver(self):
+        return tf.compat.v1.train.Saver(self.var_map, save_relative_paths=True)
+
+    def describe(self):
+        text = "{} variables from {} ({} weights)".format(
+            len(self.var_map), self.prefix, "EMA" if self.uses_ema else "raw")
+        if self.fresh:
+            text += "; new classifier {} freshly initialised (the checkpoint's has another class count)".format(
+                ", ".join(v.op.name for v in self.fresh))
+        return text
+
+
+def resolve_weights(spec, cache_dir):
+    """A checkpoint prefix for `model.pretrained` / `eval.checkpoint`: a path, or package:<variant>."""
+    if spec.startswith("package:"):
+        from effnet_exp.tools.import_weights import ensure_imported
+
+        return ensure_imported(spec[len("package:"):], os.path.expanduser(cache_dir))
+    from effnet_exp.training.checkpoints import resolve_checkpoint
+
+    return resolve_checkpoint(spec)

@@ -1,0 +1,228 @@
+"""Training and inference throughput of our EfficientNet against Keras's, in one process (a benchmark).
+
+    python -m effnet_exp.tools.benchmark [--model efficientnet_b0] [--batch-size 32] [--image-size 224]
+                                         [--steps 10] [--json results.json] [--scaling]
+
+Both sides get the same random batch already in memory, the same optimizer (SGD with Nesterov momentum
+0.9), batch, resolution, thread settings and warm-up; each figure is the median over --steps timed steps.
+Keras 3 runs only on the TF 2.x stack (keras.applications.EfficientNetB0..B7, weights=None).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def _median_rate(fn, batch, steps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return batch / float(np.median(times))
+
+
+def model_config(name, image_size, num_classes=1000):
+    from omegaconf import OmegaConf
+
+    from effnet_exp.model.config import ModelConfig
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "conf", "model", name + ".yaml")
+    raw = OmegaConf.load(conf)
+    raw.pop("defaults", None)
+    raw["num_classes"] = num_classes
+    raw["image_size"] = image_size
+    raw["pretrained"] = None
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+
+
+def session_config(threads):
+    import tensorflow as tf
+
+    from effnet_exp.devices.config import CpuDeviceConfig
+    from effnet_exp.devices.session import make_session_config
+
+    intra, inter = threads
+    return make_session_config(CpuDeviceConfig(intra_op_threads=intra, inter_op_threads=inter))
+
+
+def ours(model_name, batch, image_size, steps, warmup, threads):
+    """(train images/s, eval images/s, model FLOPs per image) of our graph-mode model."""
+    import tensorflow as tf
+
+    from effnet_exp.model.efficientnet import build_efficientnet
+    from effnet_exp.training.trainer import cross_entropy_loss
+
+    cfg = model_config(model_name, image_size)
+    rng = np.random.RandomState(0)
+    images_np = rng.uniform(-2, 2, (batch, image_size, image_size, 3)).astype(np.float32)
+    labels_np = rng.randint(0, 1000, batch).astype(np.int32)
+    rates = {}
+    for training in (True, False):
+        graph = tf.Graph()
+        with graph.as_default():
+            # In-memory data: variables, so no feed and no host copy per step.
+            images = tf.compat.v1.get_variable("bench_images", initializer=images_np, trainable=False)
+            labels = tf.compat.v1.get_variable("bench_labels", initializer=labels_np, trainable=False)
+            logits, _ = build_efficientnet(images, cfg, is_training=training)
+            if training:
+                loss = cross_entropy_loss(logits, labels, 1000)
+                opt = tf.compat.v1.train.MomentumOptimizer(0.01, 0.9, use_nesterov=True)
+                with tf.control_dependencies(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)):
+                    op = opt.minimize(loss)
+            else:
+                op = logits
+            init = tf.compat.v1.global_variables_initializer()
+        with tf.compat.v1.Session(graph=graph, config=session_config(threads)) as sess:
+            sess.run(init)
+            rates[training] = _median_rate(lambda: sess.run(op), batch, steps, warmup)
+    return rates[True], rates[False]
+
+
+def model_flops(model_name, image_size):
+    """Floating-point operations of one image's forward pass, counted by TensorFlow's profiler."""
+    import tensorflow as tf
+
+    from effnet_exp.model.efficientnet import build_efficientnet
+
+    graph = tf.Graph()
+    with graph.as_default():
+        build_efficientnet(tf.zeros([1, image_size, image_size, 3]), model_config(model_name, image_size),
+                           is_training=False)
+        options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+        options["output"] = "none"
+        return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+
+
+def keras_rates(model_name, batch, image_size, steps, warmup, threads):
+    """(train images/s, eval images/s) of keras.applications' EfficientNet, or (None, None) without Keras 3."""
+    try:
+        import keras
+    except ImportError:
+        return None, None
+    if not keras.__version__.startswith("3"):
+        return None, None
+    import tensorflow as tf
+
+    if threads[0]:
+        tf.config.threading.set_intra_op_parallelism_threads(threads[0])
+    if threads[1]:
+        tf.config.threading.set_inter_op_parallelism_threads(threads[1])
+    variant = model_name.rsplit("_", 1)[-1].upper()  # b0 -> B0
+    build = getattr(keras.applications, "EfficientNet" + variant, None)
+    if build is None:
+        return None, None
+    model = build(weights=None, input_shape=(image_size, image_size, 3), classes=1000)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
+                  loss="sparse_categorical_crossentropy")
+    rng = np.random.RandomState(0)
+    x = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype(np.float32)
+    y = rng.randint(0, 1000, batch).astype(np.int32)
+    train = _median_rate(lambda: model.train_on_batch(x, y), batch, steps, warmup)
+    evaluate = _median_rate(lambda: model.predict_on_batch(x), batch, steps, warmup)
+    return train, evaluate
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def pipeline_rate(batch, image_size):
+    """Training input pipeline images/s on the bundled digits (decode, crop, resize, flip, batch)."""
+    import tensorflow as tf
+
+    from effnet_exp.data.bundled import prepare_builtin
+    from effnet_exp.data.config import DatasetConfig
+    from effnet_exp.data.pipeline import build_dataset
+
+    info = prepare_builtin("digits", os.environ.get("EFFNET_EXP_CACHE", "~/.cache/effnet_exp"))
+    with tf.Graph().as_default():
+        dataset = build_dataset(DatasetConfig(num_classes=10), info["data_dir"], "train-*", batch, image_size,
+                                is_training=True, seed=0)
+        batch_op = tf.compat.v1.data.make_one_shot_iterator(dataset).get_next()
+        with tf.compat.v1.Session() as sess:
+            return _median_rate(lambda: sess.run(batch_op), batch, 20, 5)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="efficientnet_b0")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--intra-threads", type=int, default=0)
+    parser.add_argument("--inter-threads", type=int, default=0)
+    parser.add_argument("--no-keras", action="store_true")
+    parser.add_argument("--scaling", action="store_true", help="also time B0-B3 against their FLOPs")
+    parser.add_argument("--scaling-batch", type=int, default=4)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    threads = (args.intra_threads, args.inter_threads)
+    train, evaluate = ours(args.model, args.batch_size, args.image_size, args.steps, args.warmup, threads)
+    keras_train = keras_eval = None
+    if not args.no_keras:
+        keras_train, keras_eval = keras_rates(args.model, args.batch_size, args.image_size, args.steps,
+                                              args.warmup, threads)
+    results = {
+        "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
+        "steps": args.steps, "tf_version": tf.__version__, "python": platform.python_version(),
+        "cores": os.cpu_count(), "train_images_per_sec": train, "eval_images_per_sec": evaluate,
+        "keras_train_images_per_sec": keras_train, "keras_eval_images_per_sec": keras_eval,
+        "train_ratio": train / keras_train if keras_train else None,
+        "eval_ratio": evaluate / keras_eval if keras_eval else None,
+        "pipeline_images_per_sec": pipeline_rate(args.batch_size, args.image_size),
+    }
+    results["peak_rss_mb"] = peak_rss_mb()
+    print("EfficientNet throughput: {} cores, TensorFlow {}, Python {}; {} at {}x{}, batch {}, median of {} "
+          "steps".format(results["cores"], results["tf_version"], results["python"], args.model,
+                         args.image_size, args.image_size, args.batch_size, args.steps))
+
+    def fmt(v, spec="{:.1f}"):
+        return "-" if v is None else spec.format(v)
+
+    print("| | ours (img/s) | Keras 3 (img/s) | ours / Keras |")
+    print("|---|---|---|---|")
+    print("| train | {} | {} | {} |".format(fmt(train), fmt(keras_train), fmt(results["train_ratio"], "{:.2f}x")))
+    print("| eval | {} | {} | {} |".format(fmt(evaluate), fmt(keras_eval), fmt(results["eval_ratio"], "{:.2f}x")))
+    print("| input pipeline (train preprocessing) | {} | | |".format(fmt(results["pipeline_images_per_sec"])))
+    print("peak RSS {:.0f} MB".format(results["peak_rss_mb"]))
+
+    if args.scaling:
+        rows = []
+        for variant in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
+            size = model_config(variant, None).resolution
+            flops = model_flops(variant, size)
+            tr, ev = ours(variant, args.scaling_batch, size, max(3, args.steps // 2), 1, threads)
+            rows.append({"model": variant, "image_size": size, "gflops": flops / 1e9,
+                         "train_ms_per_image": 1000.0 / tr, "eval_ms_per_image": 1000.0 / ev})
+        base = rows[0]
+        print("\nCompound scaling (batch {}): time per image against forward FLOPs".format(args.scaling_batch))
+        print("| model | size | GFLOPs | x B0 | train ms/img | x B0 | eval ms/img | x B0 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print("| {} | {} | {:.2f} | {:.2f} | {:.0f} | {:.2f} | {:.0f} | {:.2f} |".format(
+                r["model"], r["image_size"], r["gflops"], r["gflops"] / base["gflops"],
+                r["train_ms_per_image"], r["train_ms_per_image"] / base["train_ms_per_image"],
+                r["eval_ms_per_image"], r["eval_ms_per_image"] / base["eval_ms_per_image"]))
+        results["scaling"] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
