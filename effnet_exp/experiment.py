@@ -89,6 +89,10 @@ class Experiment(object):
 
         evaluates = cfg.mode != Mode.train or bool(cfg.train.eval_every)
         source = resolve_data_source(cfg.dataset, need_train=cfg.mode != Mode.eval, need_eval=evaluates)
+        if not cfg.dataset.num_classes and source.num_classes:  # 0: as many classes as the data has
+            cfg.dataset = dataclasses.replace(cfg.dataset, num_classes=source.num_classes)
+            if not cfg.model.num_classes:
+                cfg.model = dataclasses.replace(cfg.model, num_classes=source.num_classes)
         self._write_labels(source.class_names or class_names)
         log.info("run folder %s; model %s at %dx%d, %d classes; data %s", self.run_dir, cfg.model.name,
                  self.image_size, self.image_size, cfg.model.num_classes, source.data_dir)

@@ -1,10 +1,8 @@
 """Bad data: truncated or corrupt TFRecord files, records without the image, undecodable images, labels
 out of range. Default: one error naming the file and record; dataset.skip_bad_records: skipped and counted."""
-import json
 import logging
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -136,6 +134,21 @@ def test_skip_bad_records_counts_them(bad_files, caplog):
     logged = " ".join(r.getMessage() for r in caplog.records)
     for kind, (index, _) in BAD_KINDS.items():
         assert "record {} of {}".format(index, files[kind]) in logged
+
+
+def test_a_long_run_of_bad_records_is_counted_exactly(tmp_path):
+    path = str(tmp_path / "validation-run")
+    broken = b"\xff\xd8\xff\xe0" + b"\x13" * 100
+    pipeline.write_tfrecord(path, [_serialized(i, image=broken) for i in range(6)] + [_serialized(6)])
+    labels, skipped = _eval(_cfg(skip_bad_records=True, cycle_length=1), [path])
+    assert skipped == 6 and labels == [0]
+    with pytest.raises(UserError) as info:
+        _eval(_cfg(cycle_length=1), [path])
+    assert any("record {} of {}: its JPEG".format(i, path) in str(info.value) for i in range(6))
+    # ... and at the very end of the evaluation set.
+    last = str(tmp_path / "validation-last")
+    pipeline.write_tfrecord(last, [_serialized(0), _serialized(1, image=broken)])
+    assert _eval(_cfg(skip_bad_records=True), [last]) == ([0], 1)
 
 
 def test_skip_bad_records_while_training(bad_files):

@@ -15,7 +15,7 @@ from effnet_exp.data import pipeline
 from effnet_exp.data.config import DatasetConfig
 from effnet_exp.data.source import resolve_data_source
 from effnet_exp.tools import make_tfrecords
-from test_image_folder import COLOURS, image_pixels, make_class_folder, write_image
+from test_image_folder import make_class_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -286,6 +286,10 @@ def convert(src, out, val_fraction=0.2, num_shards=8, val_shards=None, workers=N
     from effnet_exp.data import pipeline
 
     stream = stream or sys.stderr
+    try:
+        import PIL.Image  # noqa: F401  (decodes and re-encodes the images, in the workers)
+    except ImportError as err:
+        raise UserError("make_tfrecords needs Pillow ({}); install it with: pip install pillow".format(err))
     if num_shards < 1 or (val_shards is not None and val_shards < 1):
         raise UserError("--shards and --val-shards must be at least 1")
     if not 1 <= int(quality) <= 100:
