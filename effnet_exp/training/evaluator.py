@@ -5,7 +5,7 @@ import time
 
 import tensorflow as tf
 
-from effnet_exp.data.pipeline import build_dataset
+from effnet_exp.data.pipeline import build_dataset, data_errors, skipped_records
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import WeightsPlan, model_variables
 from effnet_exp.run_files import atomic_write_json
@@ -25,7 +25,7 @@ class Evaluator(object):
 
     def _build(self):
         cfg = self.cfg
-        dataset = build_dataset(cfg.dataset, self.source.data_dir, cfg.dataset.eval_pattern,
+        dataset = build_dataset(cfg.dataset, self.source, cfg.dataset.eval_pattern,
                                 cfg.eval.batch_size, self.image_size, is_training=False)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         images, labels = iterator.get_next()
@@ -58,13 +58,17 @@ class Evaluator(object):
         with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
             saver.restore(sess, checkpoint)
             sess.run(iterator.initializer)
-            while True:
-                try:
-                    values = sess.run(count_ops)
-                except tf.errors.OutOfRangeError:
-                    break
-                for k, v in values.items():
-                    totals[k] += v
+            with data_errors(self.cfg.dataset):
+                while True:
+                    try:
+                        values = sess.run(count_ops)
+                    except tf.errors.OutOfRangeError:
+                        break
+                    for k, v in values.items():
+                        totals[k] += v
+        skipped = skipped_records(graph)
+        if skipped:
+            log.warning("skipped %d bad record(s) of the validation set (dataset.skip_bad_records)", skipped)
         n = int(totals["num_images"])
         if n == 0:
             raise RuntimeError("the validation set under {} is empty".format(self.source.data_dir))
@@ -79,8 +83,9 @@ class Evaluator(object):
             "model": self.cfg.model.name,
             "image_size": self.image_size,
             "images_per_sec": n / max(time.time() - started, 1e-9),
+            "skipped_records": skipped,
         }
-        if self.source.num_eval and self.source.num_eval != n:
+        if self.source.num_eval and self.source.num_eval != n + skipped:
             log.warning("evaluated %d images but the dataset is said to hold %d", n, self.source.num_eval)
         atomic_write_json(os.path.join(self.run_dir, "eval.json"), result)
         with tf.Graph().as_default():

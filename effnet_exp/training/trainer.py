@@ -7,7 +7,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.pipeline import build_dataset
+from effnet_exp.data.pipeline import build_dataset, data_errors, skipped_records
 from effnet_exp.errors import UserError
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import HEAD_SCOPE, WeightsPlan, model_variables
@@ -103,7 +103,7 @@ class Trainer(object):
         graph = tf.Graph()
         with graph.as_default():
             tf.compat.v1.set_random_seed(cfg.seed)
-            dataset = build_dataset(cfg.dataset, self.source.data_dir, cfg.dataset.train_pattern,
+            dataset = build_dataset(cfg.dataset, self.source, cfg.dataset.train_pattern,
                                     cfg.train.batch_size, self.image_size, is_training=True, seed=cfg.seed)
             iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
             images, labels = iterator.get_next()
@@ -120,8 +120,11 @@ class Trainer(object):
                 with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
                     step = self._init_or_resume(sess, saver, init, global_step, initial_weights)
                     sess.run(iterator.initializer)
-                    with StopRequests() as stop:
-                        return _Loop(self, sess, saver, writer, step_ops, stop).run(step)
+                    with StopRequests() as stop, data_errors(cfg.dataset):
+                        result = _Loop(self, sess, saver, writer, step_ops, stop).run(step)
+                    if skipped_records(graph):
+                        log.warning("skipped %d bad record(s) while training", skipped_records(graph))
+                    return result
             finally:
                 writer.close()
 
