@@ -5,6 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from effnet_exp.data.pipeline import bad_data_message
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import WeightsPlan, model_variables
@@ -52,8 +53,9 @@ class Predictor(object):
         try:
             p, idx = sess.run([probs, indices], feed_dict={image_bytes: data})
         except tf.errors.OpError as err:
-            first = (err.message or str(err)).strip().splitlines()[0]
-            return {"image": path, "error": "cannot decode {} as an image: {}".format(path, first)}
+            # TF 2.x puts "Graph execution error:" first; prefer the pipeline's own one-line reason.
+            reason = bad_data_message(err) or (err.message or str(err)).strip().splitlines()[-1]
+            return {"image": path, "error": "cannot decode {} as an image: {}".format(path, reason)}
         return {"image": path, "top5": [
             {"index": int(i), "label": self._name(int(i)), "probability": float(q)}
             for i, q in zip(idx, np.asarray(p))]}
