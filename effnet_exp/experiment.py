@@ -143,10 +143,7 @@ class Experiment(object):
 
         cfg = self.cfg
         checkpoint, class_names = self._checkpoint_model()
-        if not class_names and cfg.model.num_classes == 1000:
-            from effnet_exp.data.imagenet_classes import imagenet_class_names
-            class_names = imagenet_class_names()
-        self._write_labels(class_names)
+        class_names = self._inference_class_names(class_names)
         results = Predictor(cfg.model, self.image_size, cfg.dataset.normalization, cfg.dataset.crop_padding,
                             class_names, session_config).predict(
             checkpoint, list(cfg.predict.images), cfg.predict.top_k, cfg.model.pretrained_weights)
@@ -161,15 +158,20 @@ class Experiment(object):
 
         cfg = self.cfg
         checkpoint, class_names = self._checkpoint_model()
-        if not class_names and cfg.model.num_classes == 1000:
-            from effnet_exp.data.imagenet_classes import imagenet_class_names
-            class_names = imagenet_class_names()
-        self._write_labels(class_names)
+        class_names = self._inference_class_names(class_names)
         manifest = export_model(checkpoint, cfg.model, self.image_size, cfg.dataset.normalization, self.run_dir,
                                 cfg.export, class_names=class_names, crop_padding=cfg.dataset.crop_padding,
                                 session_config=session_config)
         print(summary_text(manifest))
         return float(len(manifest["files"]))
+
+    def _inference_class_names(self, class_names):
+        """The run's labels, else ImageNet's for a 1000-class model; written to labels.txt."""
+        if not class_names and self.cfg.model.num_classes == 1000:
+            from effnet_exp.data.imagenet_classes import imagenet_class_names
+            class_names = imagenet_class_names()
+        self._write_labels(class_names)
+        return class_names
 
     def _write_labels(self, class_names):
         if class_names:
