@@ -342,6 +342,36 @@ def test_layers_batch_norm_and_drop_connect():
             assert seen_zero and seen_kept
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_inference_batch_norm_folded_into_conv(depthwise):
+    """At inference a BN right after a conv is folded into the conv's kernel plus a BiasAdd; it must give
+    what the unfolded conv followed by the fused BN op gives, with non-trivial statistics."""
+    rng = np.random.RandomState(3)
+    x = rng.standard_normal((2, 7, 7, 4)).astype(np.float32)
+    with tf.Graph().as_default() as g:
+        if depthwise:
+            conv = layers.depthwise_conv2d(tf.constant(x), 3, 2)
+        else:
+            conv = layers.conv2d(tf.constant(x), 5, 3, 2)
+        y = layers.batch_norm(conv, False, epsilon=1e-3, name="bn")
+        assert y.op.type == "BiasAdd"
+        stats = {v.op.name.split("/")[-1]: v for v in g.get_collection(GV.GLOBAL_VARIABLES)
+                 if v.op.name.startswith("bn/")}
+        c = int(conv.shape[-1])
+        values = {"gamma": rng.uniform(0.5, 2, c), "beta": rng.standard_normal(c),
+                  "moving_mean": rng.standard_normal(c), "moving_variance": rng.uniform(0.1, 3, c)}
+        assigns = [stats[k].assign(v.astype(np.float32)) for k, v in values.items()]
+        reference, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            conv, stats["gamma"], stats["beta"], mean=stats["moving_mean"],
+            variance=stats["moving_variance"], epsilon=1e-3, is_training=False)
+        with tf.compat.v1.Session(graph=g) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            sess.run(assigns)
+            got, want = sess.run([y, reference])
+    assert np.abs(want).max() > 1.0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------
 # EfficientNet-Lite (fix_head_stem, no SE, relu6)
 # --------------------------------------------------------------------------

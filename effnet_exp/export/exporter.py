@@ -168,7 +168,7 @@ class _Restored(object):
         # remove_training_nodes keeps only the nodes: the function library (TF 2.x control flow) goes back in.
         pruned.library.CopyFrom(frozen.library)
         pruned.versions.CopyFrom(frozen.versions)
-        frozen = _prune_library(pruned)
+        frozen = _fold_weight_arithmetic(_prune_library(pruned))
         for node in frozen.node:
             node.device = ""
             if "_class" in node.attr:  # colocation with variables that no longer exist
@@ -177,6 +177,47 @@ class _Restored(object):
 
     def close(self):
         self.sess.close()
+
+
+# Arithmetic on constants only: the batch-norm folding (kernel * gamma * rsqrt(variance + eps), ...).
+_FOLDABLE_OPS = frozenset(["Identity", "Mul", "Rsqrt", "Reshape", "Sub", "Add", "AddV2"])
+
+
+def _fold_weight_arithmetic(graph_def):
+    """Replaces each _FOLDABLE_OPS node computed from constants alone by a Const of its value, so the frozen
+    graph holds the folded weights (Conv2D -> BiasAdd), not the arithmetic that made them."""
+    constant = set(node.name for node in graph_def.node if node.op == "Const")
+    foldable = []
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    for op in graph.get_operations():  # in topological order
+        if (op.type in _FOLDABLE_OPS and op.inputs and not op.control_inputs and len(op.outputs) == 1
+                and all(t.op.name in constant for t in op.inputs)):
+            constant.add(op.name)
+            foldable.append(op)
+    # Fold only where a constant result meets the rest of the graph (the others are then unused).
+    frontier = [op for op in foldable
+                if any(c.name not in constant for c in op.outputs[0].consumers())]
+    if not frontier:
+        return graph_def
+    with tf.compat.v1.Session(graph=graph) as sess:
+        values = sess.run([op.outputs[0] for op in frontier])
+    replaced = {}
+    for op, value in zip(frontier, values):
+        replaced[op.name] = tf.compat.v1.make_tensor_proto(value, dtype=op.outputs[0].dtype)
+    folded = tf.compat.v1.GraphDef()
+    folded.versions.CopyFrom(graph_def.versions)
+    folded.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        if node.name in replaced:
+            new = folded.node.add(name=node.name, op="Const", device=node.device)
+            new.attr["dtype"].type = replaced[node.name].dtype
+            new.attr["value"].tensor.CopyFrom(replaced[node.name])
+        else:
+            folded.node.add().CopyFrom(node)
+    return tf.compat.v1.graph_util.extract_sub_graph(folded, list(OUTPUTS) + [
+        node.name for node in folded.node if node.op == "Placeholder"])
 
 
 def _called_functions(nodes):

@@ -165,11 +165,31 @@ def batch_norm(
             tf.compat.v1.add_to_collection(_UPDATE_OPS, update_mean)
             tf.compat.v1.add_to_collection(_UPDATE_OPS, update_variance)
         else:
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, mean=moving_mean, variance=moving_variance,
-                epsilon=epsilon, data_format="NHWC", is_training=False,
-            )
+            y = _folded_into_conv(x, gamma, beta, moving_mean, moving_variance, epsilon)
+            if y is None:
+                y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                    x, gamma, beta, mean=moving_mean, variance=moving_variance,
+                    epsilon=epsilon, data_format="NHWC", is_training=False,
+                )
     return y
+
+
+def _folded_into_conv(x, gamma, beta, mean, variance, epsilon):
+    """Inference batch norm right after a bias-free convolution, folded into it: the kernel scaled per output
+    channel and one BiasAdd, which the CPU graph optimizer fuses with the convolution and its activation.
+    Returns None when ``x`` is not such a convolution's output. The unfolded conv is left unused and pruned."""
+    op = x.op
+    if op.type not in ("Conv2D", "DepthwiseConv2dNative") or len(x.consumers()) != 0:
+        return None
+    inputs, kernel = op.inputs[0], op.inputs[1]
+    scale = gamma * tf.math.rsqrt(variance + epsilon)
+    offset = beta - mean * scale
+    strides = op.get_attr("strides")
+    if op.type == "Conv2D":
+        y = tf.nn.conv2d(inputs, kernel * scale, strides, "SAME")
+    else:
+        y = tf.nn.depthwise_conv2d(inputs, kernel * tf.reshape(scale, [1, 1, -1, 1]), strides, "SAME")
+    return tf.nn.bias_add(y, offset)
 
 
 def _finite_or_zero(t):
