@@ -1,5 +1,18 @@
 """The one place that imports heavy or optional packages, lazily."""
+import importlib
+
 from effnet_exp.errors import UserError
+
+# The names of Huawei's CANN TensorFlow adapter that effnet-exp uses, and the modules that define them.
+# `npu_bridge.npu_init` re-exports all of them; the submodules are the fallback for adapters that do not.
+NPU_NAMES = {
+    "NPUDistributedOptimizer": "npu_bridge.estimator.npu.npu_optimizer",
+    "NPULossScaleOptimizer": "npu_bridge.estimator.npu.npu_loss_scale_optimizer",
+    "FixedLossScaleManager": "npu_bridge.estimator.npu.npu_loss_scale_manager",
+    "ExponentialUpdateLossScaleManager": "npu_bridge.estimator.npu.npu_loss_scale_manager",
+    "hccl_ops": "npu_bridge.hccl",
+    "util": "npu_bridge.estimator.npu",
+}
 
 
 def import_npu_bridge():
@@ -12,3 +25,18 @@ def import_npu_bridge():
             "not from PyPI), which cannot be imported here ({}); use device=cpu or device=gpu, or run on an "
             "Ascend image".format(err))
     return npu_init
+
+
+def npu(name):
+    """One name of the adapter (see NPU_NAMES): npu("NPULossScaleOptimizer"), npu("hccl_ops"), ..."""
+    npu_init = import_npu_bridge()
+    found = getattr(npu_init, name, None)
+    if found is not None:
+        return found
+    module = NPU_NAMES[name]
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+        return found if found is not None else importlib.import_module(module + "." + name)
+    except ImportError as err:
+        raise UserError("this npu_bridge has no {} (looked in npu_bridge.npu_init and {}): {}".format(
+            name, module, err))

@@ -59,3 +59,47 @@ def test_cpu_and_gpu_configs():
     gpu = make_session_config(GpuDeviceConfig(visible_devices="1", xla=True))
     assert gpu.gpu_options.allow_growth and gpu.gpu_options.visible_device_list == "1"
     assert gpu.graph_options.optimizer_options.global_jit_level > 0
+
+
+def test_ascend_loop_and_precision_mode_checks_with_fake_npu_bridge(fake_npu_bridge, tmp_path, monkeypatch):
+    """FAKE npu_bridge (importable, nothing more): checks our validation of the Ascend fields -- precision_mode
+    among CANN's values, iterations_per_loop > 1 only without mix_compile_mode (and then the device-side input,
+    enable_data_pre_proc), modify_mixlist only with allow_mix_precision* and an existing file."""
+    for name in ("RANK_SIZE", "RANK_ID", "RANK_TABLE_FILE", "ASCEND_DEVICE_ID", "DEVICE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for mode in ("allow_mix_precision", "must_keep_origin_dtype", "force_fp32", "allow_mix_precision_bf16",
+                 "allow_fp32_to_fp16", "force_fp16", "allow_mix_precision_fp16", "cube_fp16in_fp32out"):
+        check_device_available(AscendDeviceConfig(precision_mode=mode))
+    bad = [(AscendDeviceConfig(precision_mode="fp16"), "device.precision_mode='fp16' is not one of"),
+           (AscendDeviceConfig(iterations_per_loop=0), "device.iterations_per_loop=0"),
+           (AscendDeviceConfig(iterations_per_loop=5, mix_compile_mode=True), "needs device.mix_compile_mode=false"),
+           (AscendDeviceConfig(precision_mode="force_fp16", modify_mixlist=str(tmp_path)),
+            "only used with device.precision_mode=allow_mix_precision"),
+           (AscendDeviceConfig(modify_mixlist=str(tmp_path / "missing.json")), "missing.json: no such file")]
+    for cfg, message in bad:
+        with pytest.raises(UserError) as err:
+            check_device_available(cfg)
+        assert message in str(err.value)
+    monkeypatch.setenv("RANK_SIZE", "2")
+    with pytest.raises(UserError, match="RANK_SIZE=2 needs RANK_ID"):
+        check_device_available(AscendDeviceConfig())
+    looped = make_session_config(AscendDeviceConfig(iterations_per_loop=5)).graph_options.rewrite_options
+    assert looped.custom_optimizers[0].parameter_map["enable_data_pre_proc"].b is True
+    single = make_session_config(AscendDeviceConfig()).graph_options.rewrite_options
+    assert "enable_data_pre_proc" not in single.custom_optimizers[0].parameter_map
+
+
+def test_iterations_per_loop_needs_whole_loops():
+    from types import SimpleNamespace
+
+    from effnet_exp.training.config import OptimizerConfig, TrainConfig
+    from effnet_exp.training.optimizers import check_training_config
+
+    cfg = SimpleNamespace(optimizer=OptimizerConfig(), device=AscendDeviceConfig(iterations_per_loop=10),
+                          train=TrainConfig(log_every=20, checkpoint_every=100, steps=1000))
+    check_training_config(cfg)
+    cfg.train.log_every = 15
+    with pytest.raises(UserError, match="train.log_every=15 must be a multiple of device.iterations_per_loop=10"):
+        check_training_config(cfg)
+    cfg.device = CpuDeviceConfig()  # no device loop: any value
+    check_training_config(cfg)

@@ -4,9 +4,26 @@ from typing import List, Optional
 
 
 @dataclass
+class ScheduleConfig:
+    """optimizer.schedule: the learning rate as a function of the global step (effnet_exp/training/schedules.py)."""
+    # constant | exponential (the reference: optional linear warmup, then lr * decay_rate^(epoch / decay_epochs))
+    # | cosine (optional linear warmup, then half a cosine from lr down to 0 at the last step).
+    name: str = "constant"
+    # Linear warmup from 0 over this many epochs (any schedule).
+    warmup_epochs: float = 0.0
+    # exponential: multiply by decay_rate every decay_epochs (staircase: in whole steps of decay_epochs).
+    decay_epochs: float = 2.4
+    decay_rate: float = 0.97
+    staircase: bool = True
+    # optimizer.lr is per scale_batch images: lr = optimizer.lr * global batch / scale_batch. 0: lr as given.
+    scale_batch: int = 0
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "sgd_nesterov"  # sgd_nesterov | momentum | rmsprop | adam | sgd
     lr: float = 1e-4
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     momentum: float = 0.9
     nesterov: bool = True
     # RMSProp decay (rho).
@@ -35,6 +52,17 @@ class TrainConfig:
     # Fine-tuning: train only the classifier head, and/or keep batch norm in inference mode.
     freeze_backbone: bool = False
     freeze_bn: bool = False
+    # The training recipe (all off by default; the reference ImageNet values in conf/experiment/reference_imagenet):
+    # label smoothing of the one-hot targets (reference 0.1);
+    label_smoothing: float = 0.0
+    # L2 weight decay, weight_decay * sum(l2_loss(v)), on the trained kernels and biases, never on batch-norm
+    # gamma/beta (reference 1e-5);
+    weight_decay: float = 0.0
+    # an exponential moving average of the weights and batch-norm statistics with num_updates = global step,
+    # saved in the checkpoints as <var>/ExponentialMovingAverage (reference 0.9999; null: none);
+    ema_decay: Optional[float] = None
+    # clip the gradients to this global norm (null: no clipping).
+    clip_grad_norm: Optional[float] = None
 
 
 @dataclass
@@ -48,3 +76,5 @@ class EvalConfig:
     batch_size: int = 50
     # Checkpoint prefix, or a run folder (its latest checkpoint); mode=eval needs it.
     checkpoint: Optional[str] = None
+    # Evaluate the checkpoint's /ExponentialMovingAverage weights when it has them (false: the raw weights).
+    use_ema: bool = True

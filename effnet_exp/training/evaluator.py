@@ -50,7 +50,10 @@ class Evaluator(object):
         with graph.as_default():
             iterator, count_ops = self._build()
             scope = self.cfg.model.name
-            plan = WeightsPlan(checkpoint, model_variables(scope), scope)
+            # eval.use_ema: the checkpoint's /ExponentialMovingAverage weights when it has them (a run trained
+            # with train.ema_decay, or an official checkpoint), else its raw weights.
+            weights = "ema" if getattr(self.cfg.eval, "use_ema", True) else "raw"
+            plan = WeightsPlan(checkpoint, model_variables(scope), scope, weights)
             saver = plan.saver()
         graph.finalize()
         totals = {k: 0 for k in count_ops}
@@ -84,6 +87,7 @@ class Evaluator(object):
             "image_size": self.image_size,
             "images_per_sec": n / max(time.time() - started, 1e-9),
             "skipped_records": skipped,
+            "weights": "ema" if plan.uses_ema else "raw",
         }
         if self.source.num_eval and self.source.num_eval != n + skipped:
             log.warning("evaluated %d images but the dataset is said to hold %d", n, self.source.num_eval)
@@ -95,6 +99,6 @@ class Evaluator(object):
                                                   "loss": result["loss"]})
             finally:
                 writer.close()
-        log.info("eval of %s: top1 %.4f top5 %.4f over %d images", checkpoint, result["top1"],
-                 result["top5"], n)
+        log.info("eval of %s (%s weights): top1 %.4f top5 %.4f over %d images", checkpoint, result["weights"],
+                 result["top1"], result["top5"], n)
         return result
