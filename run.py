@@ -1,4 +1,7 @@
 """Entry point: `python run.py [overrides]`, `python run.py -m sweep=overrides`."""
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -6,6 +9,9 @@ from effnet_exp.config import register_configs
 from effnet_exp.resume import pick_run_dir
 
 register_configs()
+# Launchers that start fresh interpreters (submitit_local, submitit_slurm) import effnet_exp there by name.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")) if p)
 OmegaConf.register_new_resolver("run_dir", pick_run_dir)
 
 
@@ -18,3 +24,7 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    # A sweep whose jobs all ran but some failed (see its summary.md) ends with a non-zero status.
+    from effnet_exp.reporting.hydra_callback import sweep_exit_status
+
+    sys.exit(sweep_exit_status())

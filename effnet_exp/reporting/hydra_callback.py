@@ -1,0 +1,46 @@
+"""Hydra callback (conf/config.yaml, hydra.callbacks.sweep_report): the sweep report when a sweep ends.
+
+The jobs themselves never raise into Hydra in a multirun (run_from_hydra records a failure in the job's
+status.json and returns NaN), so the sweeper runs every job and on_multirun_end is reached; the failures it
+finds make run.py exit non-zero (see sweep_exit_status).
+"""
+import logging
+import os
+import sys
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+_LAST = {}  # the last report of this process: {"sweep_dir", "failed", "jobs"}
+
+
+def report_sweep(sweep_dir):
+    """write_report, remembered for sweep_exit_status; a report that cannot be written is logged."""
+    from effnet_exp.reporting.jobs import first_line
+    from effnet_exp.reporting.sweep_summary import collect, write_report
+
+    sweep_dir = os.path.abspath(sweep_dir)
+    try:
+        report = write_report(sweep_dir)
+    except Exception as err:  # the jobs' results are on disk either way; count the failures without a report
+        log.error("cannot write the sweep report in %s: %s: %s", sweep_dir, type(err).__name__, first_line(err))
+        report = collect(sweep_dir)
+    _LAST.update(sweep_dir=sweep_dir, failed=len(report.failed), jobs=len(report.rows))
+    log.info("sweep report: %s (%d job(s), %d not completed)", os.path.join(sweep_dir, "summary.md"),
+             len(report.rows), len(report.failed))
+    return report
+
+
+class SweepReportCallback(Callback):
+    def on_multirun_end(self, config, **kwargs):
+        report_sweep(config.hydra.sweep.dir)
+
+
+def sweep_exit_status():
+    """For run.py after Hydra returns: 1 (with one `error:` line) if a job of the sweep just run failed."""
+    if not _LAST.get("failed"):
+        return 0
+    sys.stderr.write("error: {} of {} sweep job(s) failed; see {}\n".format(
+        _LAST["failed"], _LAST["jobs"], os.path.join(_LAST["sweep_dir"], "summary.md")))
+    return 1
