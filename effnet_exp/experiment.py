@@ -51,6 +51,8 @@ class Experiment(object):
             raise UserError("image size {} is too small: EfficientNet downsamples by 32".format(self.image_size))
         if cfg.optimizer.name not in OPTIMIZERS:
             raise UserError("optimizer.name={!r} is not one of {}".format(cfg.optimizer.name, ", ".join(OPTIMIZERS)))
+        from effnet_exp.training.optimizers import check_training_config
+        check_training_config(cfg)  # schedule, recipe and device-loop fields
         for key, value in (("dataset.normalization", cfg.dataset.normalization),
                            ("model.normalization", cfg.model.normalization)):
             if value is not None and value not in NORMALIZATIONS:
@@ -87,7 +89,9 @@ class Experiment(object):
         from effnet_exp.data.source import resolve_data_source
         from effnet_exp.training.evaluator import Evaluator
 
-        evaluates = cfg.mode != Mode.train or bool(cfg.train.eval_every)
+        from effnet_exp.devices.ascend_env import is_chief
+        chief = is_chief(cfg.device)  # data-parallel ranks other than 0 train only (no checkpoints, no eval.json)
+        evaluates = (cfg.mode != Mode.train or bool(cfg.train.eval_every)) and chief
         source = resolve_data_source(cfg.dataset, need_train=cfg.mode != Mode.eval, need_eval=evaluates)
         if not cfg.dataset.num_classes and source.num_classes:  # 0: as many classes as the data has
             cfg.dataset = dataclasses.replace(cfg.dataset, num_classes=source.num_classes)
@@ -104,10 +108,13 @@ class Experiment(object):
                               evaluate=evaluator.evaluate if evaluator else None).train()
             checkpoint = trained["checkpoint"]
             result = trained.get("top1")
-        if cfg.mode in (Mode.train_eval, Mode.eval):
+        if cfg.mode in (Mode.train_eval, Mode.eval) and chief:
             result = (trained.get("eval") if cfg.mode == Mode.train_eval else None) or evaluator.evaluate(checkpoint)
             result = result["top1"]
             print("eval top1 {:.4f}".format(result))
+        if cfg.mode in (Mode.train_eval, Mode.train):
+            from effnet_exp.reporting.curves import update_curves
+            update_curves(self.run_dir)  # the final curves.png, with the final evaluation
         return float(result) if result is not None else float("nan")
 
     def _checkpoint_model(self):
@@ -184,23 +191,53 @@ def run_from_hydra(cfg):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from effnet_exp.reporting.jobs import JobStatus, share_cores
     from effnet_exp.resume import resumed_config, save_config
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    # Sweep jobs (and a resumed sweep job) record running / completed / failed for the sweep report.
+    status = JobStatus.open(run_dir, hydra_cfg, multirun)
     try:
         if cfg.resume:
             cfg = resumed_config(os.path.abspath(cfg.resume), hydra_cfg.overrides.task)
         else:
+            share_cores(cfg, hydra_cfg)
             save_config(cfg, run_dir)
-        return Experiment(cfg, run_dir).run()
-    except UserError as err:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            log.error("%s", err)
+        result = Experiment(cfg, run_dir).run()
+    except Exception as err:
+        if status is not None:
+            status.failed(err)
+        if multirun:
+            return _failed_job(err, hydra_cfg)
+        if not isinstance(err, UserError):
             raise
         _log_to_files_only("error: {}".format(err))
         sys.stderr.write("error: {}\n".format(err))
         sys.exit(getattr(err, "exit_code", 2))
+    if status is not None:
+        status.completed(result)
+    return result
+
+
+def _failed_job(err, hydra_cfg):
+    """A sweep job's failure: logged in its run.log, NaN to the sweeper, and the other jobs go on.
+
+    A job stopped by SIGTERM/SIGINT stops the whole sweep (exit 128 + signal) after writing its report.
+    """
+    if isinstance(err, UserError):
+        log.error("error: %s", err)
+    else:
+        log.exception("job %s failed", hydra_cfg.job.get("num"))
+    code = getattr(err, "exit_code", 2)
+    if code > 128:
+        from effnet_exp.reporting.hydra_callback import report_sweep
+
+        report_sweep(hydra_cfg.sweep.dir)
+        sys.stderr.write("error: {}\n".format(err))
+        sys.exit(code)
+    return float("nan")
 
 
 def _log_to_files_only(message):

@@ -286,9 +286,11 @@ def test_train_dataset_shapes_and_ranges(records):
 
 
 def test_train_is_deterministic_given_seed(records):
+    # A parallel map: each image's crop and flip come from its own stateless seed, not from the
+    # order in which the map's threads happen to draw.
     def run(seed):
         return _collect(lambda: pipeline.build_dataset(
-            _cfg(num_parallel_calls=1), records["slim"], "train-*", 4, 24, is_training=True,
+            _cfg(num_parallel_calls=4), records["slim"], "train-*", 4, 24, is_training=True,
             seed=seed), max_batches=5)
 
     first, second, other = run(7), run(7), run(8)
@@ -296,6 +298,28 @@ def test_train_is_deterministic_given_seed(records):
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
     order = np.concatenate([b[1] for b in first])
     assert not np.array_equal(order, np.concatenate([b[1] for b in other]))
+
+
+def test_train_stream_resumes_at_its_position(records):
+    """A resumed run's stream (start_position = records delivered before) continues exactly where the
+    uninterrupted stream was, across epoch boundaries; each epoch is a new permutation of all records."""
+    def stream(start, count):
+        return _collect(lambda: pipeline.build_dataset(
+            _cfg(), records["slim"], "train-*", 1, 16, is_training=True, seed=5,
+            start_position=start), max_batches=count)
+
+    def labels(batches):
+        return [int(b[1][0]) for b in batches]
+
+    full = stream(0, 28)
+    epochs = [labels(full)[i:i + 7] for i in range(0, 28, 7)]
+    assert all(sorted(e) == records["labels"] for e in epochs)
+    assert len(set(tuple(e) for e in epochs)) > 1
+    for start in (3, 7, 12):
+        resumed = stream(start, 9)
+        assert labels(resumed) == labels(full)[start:start + 9]
+        # The same crops and flips as the uninterrupted stream, too.
+        assert all(np.array_equal(a[0], b[0]) for a, b in zip(resumed, full[start:start + 9]))
 
 
 @pytest.mark.parametrize("pattern", ["validation-*", "validation-00000-*"])

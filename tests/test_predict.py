@@ -1,6 +1,5 @@
 """mode=predict as a user runs it: top-5 per file, predictions.json, per-file errors, exit status."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -97,20 +97,6 @@ def test_eval_mode_by_prefix_and_missing_checkpoint(trained_run, tmp_path, cache
     assert proc.returncode != 0 and "eval.checkpoint" in proc.stderr
 
 
-def test_train_mode_resumes_from_its_own_checkpoint(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    args = TINY + ["mode=train", "hydra.run.dir=" + str(run_dir)]
-    proc = run_py(args, tmp_path, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (run_dir / "eval.json").exists()
-    # Same folder, more steps: carries on from step 4 instead of starting again.
-    proc = run_py(args + ["train.steps=6"], tmp_path, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in open(str(run_dir / "metrics.jsonl"))]
-    assert steps == [2, 4, 6]
-    assert "resumed from" in open(str(run_dir / "run.log")).read()
-
-
 def test_relative_data_dir_resolves_against_the_users_folder(tmp_path, cache_dir):
     from effnet_exp.data.bundled import prepare_builtin
 

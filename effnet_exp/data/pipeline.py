@@ -443,16 +443,18 @@ def _apply_options(dataset, cfg):
 
 
 def build_dataset(cfg, data_dir, pattern, batch_size, image_size, is_training, seed=None,
-                  num_shards=1, shard_index=0):
+                  num_shards=1, shard_index=0, start_position=0):
     """tf.data.Dataset of (images float32 [B, S, S, 3] normalised, labels int32 [B]).
 
     data_dir: a folder of TFRecord files (matched by pattern), or the DataSource that
     `resolve_data_source` returned (then pattern is ignored: is_training picks its train or eval
     files, or its (path, label) lists for an image folder).
 
-    Training: seeded file shuffle, file-level sharding when there are at least num_shards files
-    (else record-level), parallel interleave, endless repeat, record shuffle (serialized records,
-    bounded by cfg.shuffle_buffer), parallel map, batch(drop_remainder=True), prefetch.
+    Training: file-level sharding when there are at least num_shards files (else record-level), then
+    endless epochs, each with its own file order, parallel interleave and record shuffle (serialized
+    records, bounded by cfg.shuffle_buffer), all depending only on (seed, epoch); parallel map,
+    batch(drop_remainder=True), prefetch. start_position: records (or images) this reader delivered
+    before a resume; the stream continues right after them, as if it had never stopped.
     Evaluation: no shuffle or repeat, every good record exactly once, batch(drop_remainder=False).
     Output order is deterministic. Bad records stop the iterator with an error naming the file and
     record (see `data_errors`) or, with cfg.skip_bad_records, are skipped and counted.
@@ -489,12 +491,15 @@ def build_dataset(cfg, data_dir, pattern, batch_size, image_size, is_training, s
     else:
         files = list_files(data_dir, pattern)
 
+    start_position = int(start_position or 0) if is_training else 0
+    if is_training:
+        seed = _stream_seed(seed)
     if items is not None:
-        dataset = _folder_elements(items, cfg, is_training, seed, num_shards, shard_index)
+        dataset = _folder_elements(items, cfg, is_training, seed, num_shards, shard_index, start_position)
     else:
-        dataset = _record_elements(files, cfg, is_training, seed, num_shards, shard_index)
+        dataset = _record_elements(files, cfg, is_training, seed, num_shards, shard_index, start_position)
     dataset = _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, num_classes,
-                              records=items is None)
+                              records=items is None, first_element=start_position)
     if not is_training and bool(getattr(cfg, "cache_eval", False)):
         dataset = dataset.cache()
     dataset = dataset.batch(batch_size, drop_remainder=bool(is_training))
@@ -510,54 +515,137 @@ def build_dataset(cfg, data_dir, pattern, batch_size, image_size, is_training, s
     return _apply_options(dataset, cfg)
 
 
-def _record_elements(files, cfg, is_training, seed, num_shards, shard_index):
-    """(path, index, payload, kind) for every record of the TFRecord files."""
+def _permutation(n, seed, epoch):
+    """A permutation of range(n) that depends only on (seed, epoch): stateless, so a resumed run can
+    rebuild any epoch's order without replaying the epochs before it."""
+    noise = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+    return tf.argsort(noise)
+
+
+def _epochs(per_epoch, start_epoch, offset, skip=None):
+    """per_epoch(epoch) for epoch = start_epoch, start_epoch + 1, ... without end; the first `offset`
+    images of the first epoch are left out (they were consumed before a resume) by
+    skip(dataset, count), default Dataset.skip."""
+    def epoch_elements(epoch):
+        dataset = per_epoch(epoch)
+        if offset <= 0:
+            return dataset
+        count = tf.compat.v1.where(tf.equal(epoch, start_epoch), tf.constant(offset, tf.int64),
+                                   tf.constant(0, tf.int64))
+        return skip(dataset, count) if skip else dataset.skip(count)
+
+    return tf.data.Dataset.range(int(start_epoch), 2 ** 62).flat_map(epoch_elements)
+
+
+def _skip_records(dataset, count):
+    """Leaves out the first `count` records of (path, index, payload, kind) elements, keeping the
+    end-of-file and broken-file markers in between (they are not images)."""
+    def number(seen, element):
+        is_record = tf.equal(element[3], _RECORD)
+        seen = seen + tf.cast(is_record, tf.int64)
+        return seen, (tf.logical_and(is_record, seen <= count),) + tuple(element)
+
+    dataset = _scan(dataset, tf.constant(0, tf.int64), number)
+    dataset = dataset.filter(lambda skipped, *element: tf.logical_not(skipped))
+    return dataset.map(lambda skipped, *element: tuple(element))
+
+
+def _start(position, epoch_size):
+    """(epoch, offset in it) of the element at stream position `position`."""
+    position = int(position or 0)
+    if position <= 0 or epoch_size <= 0:
+        return 0, 0
+    return position // epoch_size, position % epoch_size
+
+
+def _record_elements(files, cfg, is_training, seed, num_shards, shard_index, start_position=0):
+    """(path, index, payload, kind) for every record of the TFRecord files.
+
+    Training: an endless stream of epochs; each epoch's file order and record shuffle depend only on
+    (seed, epoch), so `start_position` (records this reader already delivered) resumes it exactly."""
     file_level = num_shards > 1 and len(files) >= num_shards
     record_level = num_shards > 1 and not file_level
-    sizes = [file_size(path) for path in files]
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(files, tf.string), tf.constant(sizes, tf.int64)))
     if file_level:
-        dataset = dataset.shard(num_shards, shard_index)
-    num_local_files = len(files[shard_index::num_shards]) if file_level else len(files)
-    cycle_length = max(1, min(int(getattr(cfg, "cycle_length", 8)), num_local_files))
-    if is_training:
-        # With record-level sharding all workers must agree on the file order.
-        file_seed = seed if (seed is not None or not record_level) else 0
-        dataset = dataset.shuffle(num_local_files, seed=file_seed, reshuffle_each_iteration=True)
-        dataset = dataset.repeat()
+        files = files[shard_index::num_shards]
+    sizes = [file_size(path) for path in files]
+    cycle_length = max(1, min(int(getattr(cfg, "cycle_length", 8)), len(files)))
     buffer_bytes = int(float(getattr(cfg, "read_buffer_mb", _READ_BUFFER_MB)) * 1024 * 1024)
-    dataset = dataset.interleave(lambda path, size: _read_checked(path, size, buffer_bytes),
-                                 cycle_length=cycle_length, block_length=1, num_parallel_calls=cycle_length)
-    if record_level:
-        dataset = dataset.shard(num_shards, shard_index)
-    if is_training:
-        shuffle_buffer = int(getattr(cfg, "shuffle_buffer", 1024))
+    files_t = tf.constant(files, tf.string)
+    sizes_t = tf.constant(sizes, tf.int64)
+
+    def records(file_dataset):
+        dataset = file_dataset.interleave(lambda path, size: _read_checked(path, size, buffer_bytes),
+                                          cycle_length=cycle_length, block_length=1,
+                                          num_parallel_calls=_autotune(-1))
+        if record_level:
+            dataset = dataset.shard(num_shards, shard_index)
+        return dataset
+
+    if not is_training:
+        return records(tf.data.Dataset.from_tensor_slices((files_t, sizes_t)))
+
+    shuffle_buffer = int(getattr(cfg, "shuffle_buffer", 1024))
+    seed = _stream_seed(seed)
+
+    def epoch_records(epoch):
+        order = _permutation(len(files), seed, epoch)
+        dataset = records(tf.data.Dataset.from_tensor_slices((tf.gather(files_t, order),
+                                                              tf.gather(sizes_t, order))))
         if shuffle_buffer > 1:
-            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return dataset
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+        return dataset
+
+    epoch, offset = 0, 0
+    if start_position:
+        total = count_records(files)
+        epoch_size = total if not record_level else len(range(shard_index, total, num_shards))
+        epoch, offset = _start(start_position, epoch_size)
+        log.info("input resumes at epoch %d, record %d of %d", epoch, offset, epoch_size)
+    return _epochs(epoch_records, epoch, offset, skip=_skip_records)
 
 
-def _folder_elements(items, cfg, is_training, seed, num_shards, shard_index):
-    """(path, index=-1, payload="", label, kind=_FILE) for every image of the list."""
-    paths = [path for path, _ in items]
-    labels = np.asarray([label for _, label in items], np.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
-    if num_shards > 1:
-        dataset = dataset.shard(num_shards, shard_index)
-    if is_training:
-        # The list is small (paths): shuffle all of it, every epoch.
-        dataset = dataset.shuffle(len(paths[shard_index::num_shards]), seed=seed,
-                                  reshuffle_each_iteration=True)
-        dataset = dataset.repeat()
-    return dataset.map(lambda path, label: (
-        path, tf.constant(-1, tf.int64), tf.constant("", tf.string), label, tf.constant(_FILE, tf.int32)))
+def _stream_seed(seed):
+    """The training stream's seed: the run's seed, else one drawn now (that order is then not repeatable)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+        log.info("input order seeded with %d (set seed= to make it repeatable)", seed)
+    return int(seed)
 
 
-def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, num_classes, records):
+def _folder_elements(items, cfg, is_training, seed, num_shards, shard_index, start_position=0):
+    """(path, index=-1, payload="", label, kind=_FILE) for every image of the list (training: an endless
+    stream of epochs, each in an order that depends only on (seed, epoch); see _record_elements)."""
+    items = items[shard_index::num_shards] if num_shards > 1 else items
+    paths = tf.constant([path for path, _ in items], tf.string)
+    labels = tf.constant(np.asarray([label for _, label in items], np.int32))
+
+    def element(path, label):
+        return path, tf.constant(-1, tf.int64), tf.constant("", tf.string), label, tf.constant(_FILE, tf.int32)
+
+    if not is_training:
+        return tf.data.Dataset.from_tensor_slices((paths, labels)).map(element)
+    seed = _stream_seed(seed)
+
+    def epoch_items(epoch):
+        # The list is small (paths): all of it is shuffled, every epoch.
+        order = _permutation(len(items), seed, epoch)
+        return tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(labels, order)))
+
+    epoch, offset = _start(start_position, len(items))
+    if start_position:
+        log.info("input resumes at epoch %d, image %d of %d", epoch, offset, len(items))
+    return _epochs(epoch_items, epoch, offset).map(element)
+
+
+def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, num_classes, records,
+                    first_element=0):
     """Elements -> (image [?, ?, 3] normalised, label), with bad records reported or skipped (see the
     module docstring). records: elements (path, index, payload, kind) of TFRecord files (the label is
-    parsed from the payload); else (path, index, payload, label, kind) of image files."""
+    parsed from the payload); else (path, index, payload, label, kind) of image files.
+
+    Training augmentation draws from the stateless seed (seed, image number), images numbered from
+    first_element (a resumed stream's start_position): an image's crop and flip depend neither on the
+    map's thread scheduling nor on whether the run was resumed."""
     skip = bool(getattr(cfg, "skip_bad_records", False))
     num_parallel_calls = _autotune(getattr(cfg, "num_parallel_calls", -1))
 
@@ -574,15 +662,17 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(terminal))
 
     def number(state, element):
-        seq, prev_path, prev_index, prev_kind = state
+        seq, image_number, prev_path, prev_index, prev_kind = state
         path, index, payload, label, kind = unpack(element)
-        new_state = (seq + 1,
+        is_image = tf.logical_or(tf.equal(kind, _RECORD), tf.equal(kind, _FILE))
+        new_state = (seq + 1, image_number + tf.cast(is_image, tf.int64),
                      tf.concat([prev_path[1:], tf.reshape(path, [1])], 0),
                      tf.concat([prev_index[1:], tf.reshape(index, [1])], 0),
                      tf.concat([prev_kind[1:], tf.reshape(kind, [1])], 0))
-        return new_state, (seq, prev_path, prev_index, prev_kind, path, index, payload, label, kind)
+        return new_state, (seq, image_number, prev_path, prev_index, prev_kind, path, index, payload, label,
+                           kind)
 
-    def real(path, payload, label, kind):
+    def real(image_number, path, payload, label, kind):
         # _BROKEN elements have nothing to decode: they fail, and so count as bad records.
         is_record = tf.debugging.Assert(tf.equal(kind, _RECORD if records else _FILE), [BAD_RECORD_MARK])
         with tf.control_dependencies([is_record]):
@@ -593,16 +683,17 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
         has_image = tf.debugging.Assert(tf.greater(tf.strings.length(image_bytes), 0), [BAD_RECORD_MARK])
         with tf.control_dependencies([has_image]):
             image_bytes = tf.identity(image_bytes)
+        element_seed = tf.stack([tf.constant(seed, tf.int64), image_number]) if is_training else None
         image = preprocessing.preprocess_image(image_bytes, image_size, is_training, cfg=cfg,
-                                               seed=seed if is_training else None)
+                                               seed=element_seed)
         return preprocessing.normalize(image, normalization), label
 
-    def decode(seq, prev_path, prev_index, prev_kind, path, index, payload, label, kind):
+    def decode(seq, image_number, prev_path, prev_index, prev_kind, path, index, payload, label, kind):
         marker = tf.logical_or(tf.equal(kind, _END_OK), tf.equal(kind, _TERMINAL))
         image, label = tf.cond(
             marker,
             lambda: (tf.zeros([0, 0, 3], tf.float32), tf.constant(-1, tf.int32)),
-            lambda: real(path, payload, label, kind))
+            lambda: real(image_number, path, payload, label, kind))
         return seq, prev_path, prev_index, prev_kind, path, index, kind, image, label
 
     def gaps(last_seq, element):
@@ -639,8 +730,9 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
         with tf.control_dependencies(checks):
             return tf.identity(is_image)
 
-    start = (tf.constant(0, tf.int64), tf.constant([""] * _REMEMBERED),
-             tf.constant([-1] * _REMEMBERED, tf.int64), tf.constant([_RECORD] * _REMEMBERED))
+    start = (tf.constant(0, tf.int64), tf.constant(int(first_element), tf.int64),
+             tf.constant([""] * _REMEMBERED), tf.constant([-1] * _REMEMBERED, tf.int64),
+             tf.constant([_RECORD] * _REMEMBERED))
     dataset = _scan(dataset, start, number)
     dataset = _ignore_errors(_ordered_map(dataset, decode, num_parallel_calls))
     dataset = _scan(dataset, tf.constant(-1, tf.int64), gaps)

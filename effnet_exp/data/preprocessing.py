@@ -119,12 +119,21 @@ def _center_crop(source, image_size, crop_padding=CROP_PADDING):
 
 
 def _distorted_crop(source, min_object_covered, aspect_ratio_range, area_range, max_attempts, seed=None):
+    """A random crop window: seed None or an int (op-level, with the graph seed) samples it with TF's
+    stateful op; a [2] int64 tensor samples it statelessly (see `_stateless_crop_window`)."""
     shape = source.shape()
+    if isinstance(seed, tf.Tensor):
+        crop_window = _stateless_crop_window(shape, seed, min_object_covered, aspect_ratio_range,
+                                             area_range, max_attempts)
+        return source.window(crop_window)
+    # Both op seeds from the graph seed: an op seed alone (seed2 left at 0) makes seed=0 mean "random".
+    seed1, seed2 = tf.compat.v1.get_seed(seed)
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
     bbox_begin, bbox_size, _ = tf.compat.v1.image.sample_distorted_bounding_box(
         shape,
         bounding_boxes=bbox,
-        seed=seed,
+        seed=seed1,
+        seed2=seed2,
         min_object_covered=float(min_object_covered),
         aspect_ratio_range=[float(v) for v in aspect_ratio_range],
         area_range=[float(v) for v in area_range],
@@ -136,13 +145,50 @@ def _distorted_crop(source, min_object_covered, aspect_ratio_range, area_range, 
     return source.window(crop_window)
 
 
+def _stateless_crop_window(shape, seed, min_object_covered, aspect_ratio_range, area_range, max_attempts):
+    """[y, x, h, w] drawn like sample_distorted_bounding_box with the whole image as the box (aspect
+    ratio uniform, then height uniform between the heights that give the area range, then the offset),
+    but from a stateless seed, so that an element's crop does not depend on which thread of a parallel
+    map draws it. All attempts are drawn at once; the first that fits wins, else the whole image."""
+    attempts = int(max_attempts)
+    height = tf.cast(shape[0], tf.float32)
+    width = tf.cast(shape[1], tf.float32)
+    draws = tf.random.stateless_uniform([attempts, 4], seed=seed, dtype=tf.float32)
+    low, high = [float(v) for v in aspect_ratio_range]
+    aspect = low + (high - low) * draws[:, 0]
+    image_area = height * width
+    min_area = float(area_range[0]) * image_area
+    max_area = float(area_range[1]) * image_area
+    min_h = tf.round(tf.sqrt(min_area / aspect))
+    max_h = tf.round(tf.sqrt(max_area / aspect))
+    max_h = tf.where(tf.round(max_h * aspect) > width, tf.floor((width + 0.5 - 1e-7) / aspect), max_h)
+    max_h = tf.minimum(max_h, height)
+    min_h = tf.minimum(min_h, max_h)
+    crop_h = min_h + tf.floor(draws[:, 1] * (max_h - min_h + 1.0))
+    crop_h = tf.minimum(crop_h, max_h)
+    crop_w = tf.round(crop_h * aspect)
+    area = crop_h * crop_w
+    fits = tf.reduce_all(tf.stack([
+        area >= min_area, area <= max_area, area >= float(min_object_covered) * image_area,
+        crop_h >= 1.0, crop_w >= 1.0, crop_h <= height, crop_w <= width]), axis=0)
+    offset_y = tf.floor(draws[:, 2] * (height - crop_h + 1.0))
+    offset_x = tf.floor(draws[:, 3] * (width - crop_w + 1.0))
+    windows = tf.cast(tf.stack([offset_y, offset_x, crop_h, crop_w], axis=1), tf.int32)
+    whole = tf.stack([0, 0, tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)])
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    return tf.cond(tf.reduce_any(fits), lambda: windows[first], lambda: whole)
+
+
 def _at_least_x_are_equal(a, b, x):
     match = tf.cast(tf.equal(a, b), tf.int32)
     return tf.greater_equal(tf.reduce_sum(match), x)
 
 
 def _random_flip(image, seed=None):
-    uniform = tf.compat.v1.random_uniform([], 0.0, 1.0, seed=seed)
+    if isinstance(seed, tf.Tensor):
+        uniform = tf.random.stateless_uniform([], seed=seed + tf.constant([1, 0], seed.dtype))
+    else:
+        uniform = tf.compat.v1.random_uniform([], 0.0, 1.0, seed=seed)
     return tf.cond(tf.less(uniform, 0.5),
                    lambda: tf.reverse(image, axis=[1]),
                    lambda: image)
@@ -159,10 +205,10 @@ def preprocess_for_train(image_bytes, image_size,
                          image_format="auto"):
     """Random-crop training preprocessing of JPEG or PNG bytes -> float32 [S, S, 3], 0-255 scale.
 
-    `seed` is an op-level seed (an int or None); combined with a graph-level seed it makes the
-    sampled crops and flips reproducible. The flip uses seed + 1 so the two draws differ.
-    Note that with a parallel map the order in which elements consume the random stream is not
-    fixed, so per-element augmentation is only reproducible with num_parallel_calls=1.
+    `seed`: None or an int op-level seed (with the graph-level seed, crops and flips repeat only
+    if the elements draw in the same order, i.e. in a sequential map), or a [2] int64 tensor, a
+    stateless seed of this one element (the input pipeline's choice: the same crop and flip for
+    the same element, whatever thread of a parallel map runs it).
     """
     image_size = int(image_size)
 
@@ -177,7 +223,8 @@ def preprocess_for_train(image_bytes, image_size,
 
     image = _by_format(image_bytes, image_format, build)
     if random_flip:
-        image = _random_flip(image, seed=None if seed is None else int(seed) + 1)
+        flip_seed = seed if seed is None or isinstance(seed, tf.Tensor) else int(seed) + 1
+        image = _random_flip(image, seed=flip_seed)
     image = tf.reshape(image, [image_size, image_size, 3])
     return tf.cast(image, tf.float32)
 

@@ -45,8 +45,6 @@ def model_config(name, image_size, num_classes=1000):
 
 
 def session_config(threads):
-    import tensorflow as tf
-
     from effnet_exp.devices.config import CpuDeviceConfig
     from effnet_exp.devices.session import make_session_config
 

@@ -54,7 +54,10 @@ def save_checkpoint(saver, sess, prefix, step, previous):
         return saver.save(sess, prefix, global_step=step)
     except (tf.errors.OpError, IOError, OSError) as err:
         detail = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
-        kept = "the previous checkpoint {} is intact".format(previous) if previous else "no earlier checkpoint"
+        # TF names the new checkpoint in the state file once its data and index are written, before its
+        # .meta graph: the state file, not `previous`, says which complete checkpoint a resume would use.
+        latest = latest_in(os.path.dirname(prefix)) or previous
+        kept = "the previous checkpoint {} is intact".format(latest) if latest else "no earlier checkpoint"
         raise UserError("cannot write checkpoint {}-{} in {}: {}; {}".format(
             prefix, step, os.path.dirname(prefix), detail.strip().splitlines()[0], kept))
 

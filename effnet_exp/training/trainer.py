@@ -11,9 +11,9 @@ from effnet_exp.data.pipeline import build_dataset, data_errors, skipped_records
 from effnet_exp.errors import UserError
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import HEAD_SCOPE, WeightsPlan, model_variables
-from effnet_exp.run_files import CHECKPOINT_DIR, CHECKPOINT_PREFIX, append_jsonl
+from effnet_exp.run_files import CHECKPOINT_DIR, CHECKPOINT_PREFIX, append_jsonl, drop_records_after
 from effnet_exp.training.checkpoints import BestCheckpoint, latest_in, save_checkpoint
-from effnet_exp.training.optimizers import build_optimizer
+from effnet_exp.training.optimizers import StepWatch, build_optimizer
 from effnet_exp.training.signals import StopRequests
 from effnet_exp.training.summaries import write_scalars
 
@@ -23,9 +23,9 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def cross_entropy_loss(logits, labels, num_classes):
+def cross_entropy_loss(logits, labels, num_classes, label_smoothing=0.0):
     onehot = tf.one_hot(labels, num_classes)
-    return tf.compat.v1.losses.softmax_cross_entropy(onehot, logits)
+    return tf.compat.v1.losses.softmax_cross_entropy(onehot, logits, label_smoothing=label_smoothing)
 
 
 def top_k_accuracy(logits, labels, k):
@@ -60,20 +60,69 @@ class Trainer(object):
 
     def build_step(self, images, labels, global_step):
         """Forward, loss and update for one batch; the unit a distribution strategy will replicate."""
-        logits, _ = build_efficientnet(images, self.cfg.model, is_training=True,
-                                       freeze_bn=self.cfg.train.freeze_bn)
-        loss = cross_entropy_loss(logits, labels, self.cfg.model.num_classes)
-        learning_rate = tf.constant(self.cfg.optimizer.lr, tf.float32, name="learning_rate")
-        optimizer = build_optimizer(self.cfg.optimizer, learning_rate)
-        grads_and_vars = optimizer.compute_gradients(loss, var_list=self.trained_variables())
+        from effnet_exp.devices.ascend_env import data_parallel
+        from effnet_exp.devices.loss_scaling import wrap_optimizer
+        from effnet_exp.training.regularization import WeightsAverage, clip_gradients, weight_decay_loss
+        from effnet_exp.training.schedules import learning_rate as scheduled_learning_rate
+
+        cfg = self.cfg
+        parallel = data_parallel(cfg.device)  # Ascend: RANK_SIZE processes, one device each
+        logits, _ = build_efficientnet(images, cfg.model, is_training=True, freeze_bn=cfg.train.freeze_bn)
+        loss = cross_entropy_loss(logits, labels, cfg.model.num_classes, cfg.train.label_smoothing)
+        variables = self.trained_variables()
+        if cfg.train.weight_decay:
+            loss = tf.add(loss, weight_decay_loss(variables, cfg.train.weight_decay), name="total_loss")
+        if parallel.size > 1:  # an epoch is one pass over the data by all ranks together, each on its shard
+            self.total_steps = total_train_steps(cfg.train, self.source.num_train / float(parallel.size))
+        global_batch = cfg.train.batch_size * parallel.size
+        learning_rate, self.schedule = scheduled_learning_rate(
+            cfg.optimizer, global_step, global_batch, self.source.num_train / float(global_batch), self.total_steps)
+        log.info("global batch %d (%d per process x %d); %s", global_batch, cfg.train.batch_size, parallel.size,
+                 self.schedule.describe())
+        optimizer, scaling = wrap_optimizer(build_optimizer(cfg.optimizer, learning_rate), cfg.device, parallel)
+        grads_and_vars = optimizer.compute_gradients(loss, var_list=variables)
+        grads_and_vars = clip_gradients(grads_and_vars, cfg.train.clip_grad_norm)
         update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
         with tf.control_dependencies(update_ops):
-            if self.cfg.train.nonfinite_policy == "skip":
+            if scaling is not None:  # overflow steps are skipped (and counted) by the loss-scale optimizer
+                train_op = scaling.apply_gradients(grads_and_vars, global_step)
+            elif cfg.train.nonfinite_policy == "skip":
                 train_op = self._apply_if_finite(optimizer, grads_and_vars, loss, global_step)
             else:
                 train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
-        return {"train_op": train_op, "loss": loss, "top1": top_k_accuracy(logits, labels, 1),
-                "lr": learning_rate}
+        self.weights_average = None
+        if cfg.train.ema_decay:
+            self.weights_average = WeightsAverage(cfg.train.ema_decay, global_step, model_variables(cfg.model.name))
+            train_op = self.weights_average.after(train_op)
+        extra = {"lr": learning_rate}
+        if scaling is not None:
+            extra.update(scaling.monitors(train_op))
+        self._device_graph(train_op, parallel, scaling)
+        return {"train_op": self.device_loop.train_op, "loss": loss, "top1": top_k_accuracy(logits, labels, 1),
+                "lr": learning_rate, "extra": extra}
+
+    def _device_graph(self, train_op, parallel, scaling):
+        """The device loop (device.iterations_per_loop), the rank-0 broadcast and the loop's StepWatch."""
+        from effnet_exp.devices.npu_graph import DeviceLoop, broadcast_variables_op
+
+        self.parallel = parallel
+        self.device_loop = DeviceLoop(train_op, getattr(self.cfg.device, "iterations_per_loop", 1))
+        self.steps_per_run = self.device_loop.iterations
+        self.broadcast_op = broadcast_variables_op(0) if parallel.size > 1 else None
+        self.overflow_counter = scaling.counter.variable if scaling is not None else None
+        self.step_watch = StepWatch(self.cfg.train.max_nonfinite_steps)
+
+    def _sync_after_restore(self, sess, resumed):
+        """After init or restore: moving averages start at the restored weights (unless resumed with their own),
+        every rank takes rank 0's variables, the device loop is loaded, the overflow count is read."""
+        if self.weights_average is not None and not resumed:
+            sess.run(self.weights_average.reset_op)
+        if self.broadcast_op is not None:
+            sess.run(self.broadcast_op)
+            log.info("rank %d of %d: variables broadcast from rank 0", self.parallel.rank, self.parallel.size)
+        self.device_loop.load(sess)
+        if self.overflow_counter is not None:
+            self.step_watch.overflow_steps = int(sess.run(self.overflow_counter))
 
     @staticmethod
     def _apply_if_finite(optimizer, grads_and_vars, loss, global_step):
@@ -97,14 +146,36 @@ class Trainer(object):
             variables = [v for v in variables if v.op.name.startswith(head)]
         return variables
 
+    def data_shard(self):
+        """build_dataset's sharding: Ascend data parallelism reads shard RANK_ID of RANK_SIZE."""
+        from effnet_exp.devices.ascend_env import data_parallel
+
+        parallel = data_parallel(self.cfg.device)
+        if parallel.size > 1:
+            log.info("rank %d of %d reads shard %d of %d of the training files", parallel.rank, parallel.size,
+                     parallel.rank, parallel.size)
+        return {"num_shards": parallel.size, "shard_index": parallel.rank}
+
+    def _summary_writer(self, graph):
+        """TensorBoard's writer on rank 0; the other ranks of a data-parallel job write no summaries."""
+        from effnet_exp.devices.ascend_env import is_chief
+
+        if not is_chief(self.cfg.device):
+            return _NoSummaries()
+        # Created in the graph's context: on TF 2.x, FileWriter refuses to work eagerly.
+        return tf.compat.v1.summary.FileWriter(os.path.join(self.run_dir, "tensorboard", "train"), graph)
+
     def train(self):
         """Runs to train.steps (or train.epochs); returns the last metrics with the final checkpoint prefix."""
         cfg = self.cfg
         graph = tf.Graph()
         with graph.as_default():
             tf.compat.v1.set_random_seed(cfg.seed)
+            # A resumed run carries on with the records right after the ones its checkpoint has seen.
             dataset = build_dataset(cfg.dataset, self.source, cfg.dataset.train_pattern,
-                                    cfg.train.batch_size, self.image_size, is_training=True, seed=cfg.seed)
+                                    cfg.train.batch_size, self.image_size, is_training=True, seed=cfg.seed,
+                                    start_position=self._checkpointed_step() * cfg.train.batch_size,
+                                    **self.data_shard())
             iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
             images, labels = iterator.get_next()
             global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -113,8 +184,7 @@ class Trainer(object):
                                              save_relative_paths=True)
             initial_weights = self._initial_weights()
             init = tf.compat.v1.global_variables_initializer()
-            # Created in the graph's context: on TF 2.x, FileWriter refuses to work eagerly.
-            writer = tf.compat.v1.summary.FileWriter(os.path.join(self.run_dir, "tensorboard", "train"), graph)
+            writer = self._summary_writer(graph)
             graph.finalize()
             try:
                 with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
@@ -127,6 +197,15 @@ class Trainer(object):
                     return result
             finally:
                 writer.close()
+
+    def _checkpointed_step(self):
+        """The global step of the run folder's latest checkpoint (0 without one), read before the graph exists."""
+        latest = latest_in(self.checkpoint_dir)
+        if not latest:
+            return 0
+        step = int(tf.train.load_variable(latest, "global_step"))
+        log.info("input stream resumes after %d batches of %d", step, self.cfg.train.batch_size)
+        return step
 
     def _initial_weights(self):
         """(plan, saver) for model.pretrained, unless the run folder has checkpoints of its own (they win)."""
@@ -147,7 +226,21 @@ class Trainer(object):
             plan, pretrained_saver = initial_weights
             pretrained_saver.restore(sess, plan.prefix)
             log.info("initialised from pretrained weights: %s", plan.describe())
+        self._sync_after_restore(sess, resumed=bool(resume_from))
         return int(sess.run(global_step))
+
+
+class _NoSummaries(object):
+    """The summary writer of a rank other than 0."""
+
+    def add_summary(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 class _Loop(object):
@@ -159,7 +252,7 @@ class _Loop(object):
         self.sess = sess
         self.saver = saver
         self.writer = writer
-        self.fetches = [step_ops["train_op"], step_ops["loss"], step_ops["top1"]]
+        self.fetches = [step_ops["train_op"], step_ops["loss"], step_ops["top1"], step_ops.get("extra", {})]
         self.stop = stop
         self.prefix = os.path.join(trainer.checkpoint_dir, CHECKPOINT_PREFIX)
         self.checkpoint = latest_in(trainer.checkpoint_dir)
@@ -176,11 +269,16 @@ class _Loop(object):
                  trainer.cfg.model.name, total, cfg.batch_size, trainer.source.num_train, step)
         self.started = self.interval_start = self.saved_time = time.time()
         self.start_step = step
+        if trainer.parallel.rank == 0:
+            dropped = drop_records_after(trainer.metrics_path, step)
+            if dropped:
+                log.info("dropped %d metrics record(s) after step %d: those steps run again", dropped, step)
         self.last = {"step": step}
         while step < total:
-            _, loss, top1 = self.sess.run(self.fetches)
-            step += 1
-            self._check_finite(step, loss)
+            _, loss, top1, extra = self.sess.run(self.fetches)
+            step += trainer.steps_per_run  # device.iterations_per_loop steps per sess.run on Ascend, else 1
+            if not trainer.step_watch.skipped(step, loss, extra):  # a loss-scale overflow is no NaN fault
+                self._check_finite(step, loss)
             self.losses.append(loss)
             self.top1s.append(top1)
             if step % cfg.log_every == 0 or step == total:
@@ -219,7 +317,7 @@ class _Loop(object):
         now = time.time()
         losses = [l for l in self.losses if np.isfinite(l)]
         last = {"step": step, "loss": float(np.mean(losses)) if losses else None,
-                "top1": float(np.mean(self.top1s)), "lr": float(trainer.cfg.optimizer.lr),
+                "top1": float(np.mean(self.top1s)), "lr": float(trainer.step_watch.lr),
                 "images_per_sec": len(self.top1s) * cfg.batch_size / max(now - self.interval_start, 1e-9),
                 "epoch": step * cfg.batch_size / float(trainer.source.num_train),
                 "elapsed_sec": now - self.started}
@@ -248,6 +346,8 @@ class _Loop(object):
         return bool(minutes) and time.time() - self.saved_time >= 60.0 * minutes
 
     def _save(self, step):
+        if self.trainer.parallel.rank != 0:
+            return  # only rank 0 writes checkpoints
         self.checkpoint = save_checkpoint(self.saver, self.sess, self.prefix, step, self.checkpoint)
         self.saved_time = time.time()
 
@@ -263,6 +363,8 @@ class _Loop(object):
         write_scalars(self.writer, step, {"eval_top1": result["top1"]})
         log.info("step %d eval top1 %.4f top5 %.4f%s", step, result["top1"], result["top5"],
                  " (best so far, kept in checkpoints/best)" if is_best else "")
+        from effnet_exp.reporting.curves import update_curves
+        update_curves(self.trainer.run_dir)  # curves.png with this evaluation
 
     def _stop(self, step):
         if self.losses:
