@@ -1,10 +1,11 @@
 """Training and inference throughput of our EfficientNet against Keras's, in one process (a benchmark).
 
     python -m effnet_exp.tools.benchmark [--model efficientnet_b0] [--batch-size 32] [--image-size 224]
-                                         [--steps 10] [--json results.json] [--scaling]
+                                         [--steps 10] [--rounds 3] [--json results.json] [--scaling]
 
 Both sides get the same random batch already in memory, the same optimizer (SGD with Nesterov momentum
-0.9), batch, resolution, thread settings and warm-up; each figure is the median over --steps timed steps.
+0.9), batch, resolution, thread settings and warm-up; the two sides take turns for --rounds rounds, and each
+figure is the median over the rounds of the median over --steps timed steps.
 Keras 3 runs only on the TF 2.x stack (keras.applications.EfficientNetB0..B7, weights=None).
 """
 import argparse
@@ -52,8 +53,9 @@ def session_config(threads):
     return make_session_config(CpuDeviceConfig(intra_op_threads=intra, inter_op_threads=inter))
 
 
-def ours(model_name, batch, image_size, steps, warmup, threads):
-    """(train images/s, eval images/s, model FLOPs per image) of our graph-mode model."""
+def ours(model_name, batch, image_size, threads):
+    """{"train": step, "eval": step}: one call runs one training step or one forward pass of our graph-mode
+    model on a batch held in variables (no feed, no host copy per step); the sessions stay open."""
     import tensorflow as tf
 
     from effnet_exp.model.efficientnet import build_efficientnet
@@ -63,11 +65,10 @@ def ours(model_name, batch, image_size, steps, warmup, threads):
     rng = np.random.RandomState(0)
     images_np = rng.uniform(-2, 2, (batch, image_size, image_size, 3)).astype(np.float32)
     labels_np = rng.randint(0, 1000, batch).astype(np.int32)
-    rates = {}
+    steps = {}
     for training in (True, False):
         graph = tf.Graph()
         with graph.as_default():
-            # In-memory data: variables, so no feed and no host copy per step.
             images = tf.compat.v1.get_variable("bench_images", initializer=images_np, trainable=False)
             labels = tf.compat.v1.get_variable("bench_labels", initializer=labels_np, trainable=False)
             logits, _ = build_efficientnet(images, cfg, is_training=training)
@@ -79,10 +80,23 @@ def ours(model_name, batch, image_size, steps, warmup, threads):
             else:
                 op = logits
             init = tf.compat.v1.global_variables_initializer()
-        with tf.compat.v1.Session(graph=graph, config=session_config(threads)) as sess:
-            sess.run(init)
-            rates[training] = _median_rate(lambda: sess.run(op), batch, steps, warmup)
-    return rates[True], rates[False]
+        sess = tf.compat.v1.Session(graph=graph, config=session_config(threads))
+        sess.run(init)
+        steps["train" if training else "eval"] = (lambda sess=sess, op=op: sess.run(op))
+    return steps
+
+
+def rates_in_rounds(sides, batch, steps, warmup, rounds):
+    """{side: {"train": images/s, "eval": images/s}}: the sides take turns, round after round (so a slow
+    spell of the machine hits both), each measurement the median of `steps` timed steps; the result is
+    the median over the rounds."""
+    measured = {side: {"train": [], "eval": []} for side in sides}
+    for _ in range(rounds):
+        for side, fns in sides.items():
+            for kind in ("train", "eval"):
+                measured[side][kind].append(_median_rate(fns[kind], batch, steps, warmup))
+    return {side: {kind: float(np.median(values)) for kind, values in kinds.items()}
+            for side, kinds in measured.items()}
 
 
 def model_flops(model_name, image_size):
@@ -100,14 +114,15 @@ def model_flops(model_name, image_size):
         return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
 
 
-def keras_rates(model_name, batch, image_size, steps, warmup, threads):
-    """(train images/s, eval images/s) of keras.applications' EfficientNet, or (None, None) without Keras 3."""
+def keras_steps(model_name, batch, image_size, threads):
+    """{"train": step, "eval": step} for keras.applications' EfficientNet (same batch, optimizer and
+    resolution as ours), or None without Keras 3."""
     try:
         import keras
     except ImportError:
-        return None, None
+        return None
     if not keras.__version__.startswith("3"):
-        return None, None
+        return None
     import tensorflow as tf
 
     if threads[0]:
@@ -117,16 +132,14 @@ def keras_rates(model_name, batch, image_size, steps, warmup, threads):
     variant = model_name.rsplit("_", 1)[-1].upper()  # b0 -> B0
     build = getattr(keras.applications, "EfficientNet" + variant, None)
     if build is None:
-        return None, None
+        return None
     model = build(weights=None, input_shape=(image_size, image_size, 3), classes=1000)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
                   loss="sparse_categorical_crossentropy")
     rng = np.random.RandomState(0)
     x = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype(np.float32)
     y = rng.randint(0, 1000, batch).astype(np.int32)
-    train = _median_rate(lambda: model.train_on_batch(x, y), batch, steps, warmup)
-    evaluate = _median_rate(lambda: model.predict_on_batch(x), batch, steps, warmup)
-    return train, evaluate
+    return {"train": lambda: model.train_on_batch(x, y), "eval": lambda: model.predict_on_batch(x)}
 
 
 def peak_rss_mb():
@@ -157,6 +170,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="ours and Keras take turns this many times")
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--inter-threads", type=int, default=0)
     parser.add_argument("--no-keras", action="store_true")
@@ -169,14 +183,18 @@ def main(argv=None):
     import tensorflow as tf
 
     threads = (args.intra_threads, args.inter_threads)
-    train, evaluate = ours(args.model, args.batch_size, args.image_size, args.steps, args.warmup, threads)
-    keras_train = keras_eval = None
-    if not args.no_keras:
-        keras_train, keras_eval = keras_rates(args.model, args.batch_size, args.image_size, args.steps,
-                                              args.warmup, threads)
+    sides = {"ours": ours(args.model, args.batch_size, args.image_size, threads)}
+    keras = None if args.no_keras else keras_steps(args.model, args.batch_size, args.image_size, threads)
+    if keras:
+        sides["keras"] = keras
+    rates = rates_in_rounds(sides, args.batch_size, args.steps, args.warmup, args.rounds)
+    train, evaluate = rates["ours"]["train"], rates["ours"]["eval"]
+    keras_train = rates["keras"]["train"] if keras else None
+    keras_eval = rates["keras"]["eval"] if keras else None
     results = {
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-        "steps": args.steps, "tf_version": tf.__version__, "python": platform.python_version(),
+        "steps": args.steps, "rounds": args.rounds, "tf_version": tf.__version__,
+        "python": platform.python_version(),
         "cores": os.cpu_count(), "train_images_per_sec": train, "eval_images_per_sec": evaluate,
         "keras_train_images_per_sec": keras_train, "keras_eval_images_per_sec": keras_eval,
         "train_ratio": train / keras_train if keras_train else None,
@@ -185,8 +203,9 @@ def main(argv=None):
     }
     results["peak_rss_mb"] = peak_rss_mb()
     print("EfficientNet throughput: {} cores, TensorFlow {}, Python {}; {} at {}x{}, batch {}, median of {} "
-          "steps".format(results["cores"], results["tf_version"], results["python"], args.model,
-                         args.image_size, args.image_size, args.batch_size, args.steps))
+          "rounds of {} steps".format(results["cores"], results["tf_version"], results["python"], args.model,
+                                      args.image_size, args.image_size, args.batch_size, args.rounds,
+                                      args.steps))
 
     def fmt(v, spec="{:.1f}"):
         return "-" if v is None else spec.format(v)
@@ -203,7 +222,9 @@ def main(argv=None):
         for variant in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
             size = model_config(variant, None).resolution
             flops = model_flops(variant, size)
-            tr, ev = ours(variant, args.scaling_batch, size, max(3, args.steps // 2), 1, threads)
+            scaled = rates_in_rounds({"ours": ours(variant, args.scaling_batch, size, threads)},
+                                     args.scaling_batch, max(3, args.steps // 2), 1, 1)["ours"]
+            tr, ev = scaled["train"], scaled["eval"]
             rows.append({"model": variant, "image_size": size, "gflops": flops / 1e9,
                          "train_ms_per_image": 1000.0 / tr, "eval_ms_per_image": 1000.0 / ev})
         base = rows[0]
