@@ -53,6 +53,8 @@ class Experiment(object):
             raise UserError("optimizer.name={!r} is not one of {}".format(cfg.optimizer.name, ", ".join(OPTIMIZERS)))
         from effnet_exp.training.optimizers import check_training_config
         check_training_config(cfg)  # schedule, recipe and device-loop fields
+        from effnet_exp.devices.strategy import check_strategy_config
+        check_strategy_config(cfg)  # device.strategy: replicas, TF_CONFIG, the batch split, what it cannot do
         for key, value in (("dataset.normalization", cfg.dataset.normalization),
                            ("model.normalization", cfg.model.normalization)):
             if value is not None and value not in NORMALIZATIONS:
@@ -202,9 +204,13 @@ def run_from_hydra(cfg):
     try:
         if cfg.resume:
             cfg = resumed_config(os.path.abspath(cfg.resume), hydra_cfg.overrides.task)
-        else:
+        from effnet_exp.devices.strategy import worker_run_dir
+        own_dir = worker_run_dir(run_dir, cfg.device)  # a multi_worker task other than the chief: its own folder
+        if not cfg.resume:
             share_cores(cfg, hydra_cfg)
-            save_config(cfg, run_dir)
+            if own_dir == run_dir:  # the chief's saved config is the job's (resume= reads it)
+                save_config(cfg, run_dir)
+        run_dir = own_dir
         result = Experiment(cfg, run_dir).run()
     except Exception as err:
         if status is not None:

@@ -89,5 +89,8 @@ def data_parallel(device_cfg, environ=None):
 
 
 def is_chief(device_cfg, environ=None):
-    """Whether this process writes the run's checkpoints, eval.json and summaries (rank 0)."""
-    return data_parallel(device_cfg, environ).rank == 0
+    """Whether this process writes the run's checkpoints, eval.json and summaries: rank 0 of an Ascend job, the
+    chief of a device.strategy=multi_worker job (TF_CONFIG; effnet_exp/devices/strategy.py), else True."""
+    from effnet_exp.devices.strategy import is_multi_worker_chief
+
+    return data_parallel(device_cfg, environ).rank == 0 and is_multi_worker_chief(device_cfg, environ)

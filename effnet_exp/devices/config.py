@@ -10,6 +10,13 @@ class CpuDeviceConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     xla: bool = False
+    # Data parallelism with tf.distribute (effnet_exp/devices/strategy.py; cpu and gpu only): none | mirrored
+    # (device.replicas devices of this host) | multi_worker (the workers TF_CONFIG lists, each started with the
+    # same command). Under a strategy train.batch_size is the global batch, split evenly over the replicas.
+    strategy: str = "none"
+    # mirrored: how many devices; 0 = every visible GPU (device=gpu); device=cpu needs N >= 1 logical CPU devices.
+    # multi_worker: 0 (each worker replicates over all its GPUs, or its CPU).
+    replicas: int = 0
 
 
 @dataclass

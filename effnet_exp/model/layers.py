@@ -136,15 +136,19 @@ def batch_norm(
             "beta", [channels], tf.float32,
             initializer=tf.compat.v1.zeros_initializer(), use_resource=True,
         )
+        # Under a tf.distribute strategy each replica normalises with its own batch statistics and the moving
+        # averages take the mean of the replicas' updates (ignored without a strategy).
         moving_mean = tf.compat.v1.get_variable(
             "moving_mean", [channels], tf.float32,
             initializer=tf.compat.v1.zeros_initializer(),
             trainable=False, collections=stat_collections, use_resource=True,
+            aggregation=tf.VariableAggregation.MEAN,
         )
         moving_variance = tf.compat.v1.get_variable(
             "moving_variance", [channels], tf.float32,
             initializer=tf.compat.v1.ones_initializer(),
             trainable=False, collections=stat_collections, use_resource=True,
+            aggregation=tf.VariableAggregation.MEAN,
         )
         if is_training:
             y, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(

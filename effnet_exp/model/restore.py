@@ -81,7 +81,15 @@ class WeightsPlan(object):
         return " ".join(parts)
 
     def saver(self):
-        return tf.compat.v1.train.Saver(self.var_map, save_relative_paths=True)
+        """A Saver of var_map. Under a tf.distribute strategy (built in its scope) a mirrored variable has one copy
+        per local device: then one Saver per copy, all restored from the same checkpoint tensors."""
+        copies = {key: tf.distribute.get_strategy().experimental_local_results(var)
+                  for key, var in self.var_map.items()}
+        count = max([len(c) for c in copies.values()] or [1])
+        if count == 1:
+            return tf.compat.v1.train.Saver({key: c[0] for key, c in copies.items()}, save_relative_paths=True)
+        return _EveryCopy([tf.compat.v1.train.Saver({key: c[i] for key, c in copies.items()},
+                                                    save_relative_paths=True) for i in range(count)])
 
     def describe(self):
         text = "{} variables from {} ({} weights)".format(
@@ -101,3 +109,14 @@ def resolve_weights(spec, cache_dir):
     from effnet_exp.training.checkpoints import resolve_checkpoint
 
     return resolve_checkpoint(spec)
+
+
+class _EveryCopy(object):
+    """Restores every local copy of mirrored variables, one Saver each."""
+
+    def __init__(self, savers):
+        self.savers = savers
+
+    def restore(self, sess, prefix):
+        for saver in self.savers:
+            saver.restore(sess, prefix)

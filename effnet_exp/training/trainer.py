@@ -47,6 +47,9 @@ class Trainer(object):
     """
 
     def __init__(self, cfg, source, run_dir, session_config, image_size, pretrained=None, evaluate=None):
+        from effnet_exp.devices.ascend_env import is_chief
+        from effnet_exp.devices.strategy import chief_run_dir
+
         self.cfg = cfg
         self.pretrained = pretrained
         self.evaluate = evaluate
@@ -54,12 +57,14 @@ class Trainer(object):
         self.run_dir = run_dir
         self.session_config = session_config
         self.image_size = image_size
-        self.checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+        self.chief = is_chief(cfg.device)  # writes checkpoints and summaries: Ascend rank 0, multi_worker chief
+        # A multi_worker task other than the chief resumes from the chief's checkpoints (and writes none).
+        self.checkpoint_dir = os.path.join(chief_run_dir(run_dir, cfg.device), CHECKPOINT_DIR)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.total_steps = total_train_steps(cfg.train, source.num_train)
 
     def build_step(self, images, labels, global_step):
-        """Forward, loss and update for one batch; the unit a distribution strategy will replicate."""
+        """Forward, loss and update for one batch; the unit device.strategy replicates (devices/strategy.py)."""
         from effnet_exp.devices.ascend_env import data_parallel
         from effnet_exp.devices.loss_scaling import wrap_optimizer
         from effnet_exp.training.regularization import WeightsAverage, clip_gradients, weight_decay_loss
@@ -77,10 +82,13 @@ class Trainer(object):
         global_batch = cfg.train.batch_size * parallel.size
         learning_rate, self.schedule = scheduled_learning_rate(
             cfg.optimizer, global_step, global_batch, self.source.num_train / float(global_batch), self.total_steps)
-        log.info("global batch %d (%d per process x %d); %s", global_batch, cfg.train.batch_size, parallel.size,
-                 self.schedule.describe())
+        if not tf.distribute.has_strategy():  # under device.strategy the batch is already global (strategy.py logs)
+            log.info("global batch %d (%d per process x %d); %s", global_batch, cfg.train.batch_size, parallel.size,
+                     self.schedule.describe())
         optimizer, scaling = wrap_optimizer(build_optimizer(cfg.optimizer, learning_rate), cfg.device, parallel)
-        grads_and_vars = optimizer.compute_gradients(loss, var_list=variables)
+        # device.strategy: apply_gradients sums the replicas' gradients, so each replica's loss counts 1 / replicas.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        grads_and_vars = optimizer.compute_gradients(loss / replicas if replicas > 1 else loss, var_list=variables)
         grads_and_vars = clip_gradients(grads_and_vars, cfg.train.clip_grad_norm)
         update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
         with tf.control_dependencies(update_ops):
@@ -158,28 +166,34 @@ class Trainer(object):
 
     def _summary_writer(self, graph):
         """TensorBoard's writer on rank 0; the other ranks of a data-parallel job write no summaries."""
-        from effnet_exp.devices.ascend_env import is_chief
-
-        if not is_chief(self.cfg.device):
+        if not self.chief:
             return _NoSummaries()
         # Created in the graph's context: on TF 2.x, FileWriter refuses to work eagerly.
         return tf.compat.v1.summary.FileWriter(os.path.join(self.run_dir, "tensorboard", "train"), graph)
 
     def train(self):
         """Runs to train.steps (or train.epochs); returns the last metrics with the final checkpoint prefix."""
+        from effnet_exp.devices.strategy import make_replicas
+
         cfg = self.cfg
         graph = tf.Graph()
         with graph.as_default():
+            replicas = make_replicas(cfg.device)  # device.strategy (tf.distribute), else a single device
+        with graph.as_default(), replicas.scope():
             tf.compat.v1.set_random_seed(cfg.seed)
-            # A resumed run carries on with the records right after the ones its checkpoint has seen.
-            dataset = build_dataset(cfg.dataset, self.source, cfg.dataset.train_pattern,
-                                    cfg.train.batch_size, self.image_size, is_training=True, seed=cfg.seed,
-                                    start_position=self._checkpointed_step() * cfg.train.batch_size,
-                                    **self.data_shard())
-            iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
-            images, labels = iterator.get_next()
+            # A resumed run carries on with the records right after the ones its checkpoint has seen (under a
+            # strategy too: train.batch_size is then the global batch, and every worker reads the global stream).
+            start_position = self._checkpointed_step() * cfg.train.batch_size
+
+            def dataset():  # global batches; under a strategy each replica takes its slice of every one
+                return build_dataset(cfg.dataset, self.source, cfg.dataset.train_pattern, cfg.train.batch_size,
+                                     self.image_size, is_training=True, seed=cfg.seed,
+                                     start_position=start_position, **self.data_shard())
+
+            iterator_init, inputs = replicas.input_iterator(dataset, cfg.train.batch_size)
             global_step = tf.compat.v1.train.get_or_create_global_step()
-            step_ops = self.build_step(images, labels, global_step)
+            step_ops = replicas.run(self.build_step, inputs, global_step)
+            replicas.log_layout(cfg.train, cfg.optimizer, self.schedule)
             saver = tf.compat.v1.train.Saver(max_to_keep=cfg.train.keep_checkpoint_max,
                                              save_relative_paths=True)
             initial_weights = self._initial_weights()
@@ -187,11 +201,12 @@ class Trainer(object):
             writer = self._summary_writer(graph)
             graph.finalize()
             try:
-                with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
+                with replicas.session(graph, self.session_config) as sess:
                     step = self._init_or_resume(sess, saver, init, global_step, initial_weights)
-                    sess.run(iterator.initializer)
+                    sess.run(iterator_init)
                     with StopRequests() as stop, data_errors(cfg.dataset):
                         result = _Loop(self, sess, saver, writer, step_ops, stop).run(step)
+                    replicas.report_copies(sess, result["step"])  # under a strategy: do the replicas agree?
                     if skipped_records(graph):
                         log.warning("skipped %d bad record(s) while training", skipped_records(graph))
                     return result
@@ -269,7 +284,7 @@ class _Loop(object):
                  trainer.cfg.model.name, total, cfg.batch_size, trainer.source.num_train, step)
         self.started = self.interval_start = self.saved_time = time.time()
         self.start_step = step
-        if trainer.parallel.rank == 0:
+        if trainer.chief:
             dropped = drop_records_after(trainer.metrics_path, step)
             if dropped:
                 log.info("dropped %d metrics record(s) after step %d: those steps run again", dropped, step)
@@ -346,8 +361,8 @@ class _Loop(object):
         return bool(minutes) and time.time() - self.saved_time >= 60.0 * minutes
 
     def _save(self, step):
-        if self.trainer.parallel.rank != 0:
-            return  # only rank 0 writes checkpoints
+        if not self.trainer.chief:
+            return  # only rank 0 / the chief writes checkpoints
         self.checkpoint = save_checkpoint(self.saver, self.sess, self.prefix, step, self.checkpoint)
         self.saved_time = time.time()
 

@@ -1,0 +1,384 @@
+"""Data parallelism on GPUs and CPUs with tf.distribute, in tf.compat.v1 graph style (TF 1.15 and TF 2.x).
+
+- device.strategy=mirrored device.replicas=N: tf.compat.v1.distribute.MirroredStrategy over N devices of this
+  host: GPUs (device.replicas=0: every visible one), or on device=cpu N logical CPU devices of the training
+  session (ConfigProto device_count={"CPU": N}; they share the host's cores).
+- device.strategy=multi_worker: tf.compat.v1.distribute.experimental.MultiWorkerMirroredStrategy over the
+  chief/worker tasks that TF_CONFIG lists, each running the same command; each process starts a
+  tf.distribute.Server for its task and runs its training session against it (collective all-reduce over
+  gRPC). The chief (chief:0, else worker:0) writes the run folder; every other worker only its own
+  <run folder>/worker_<id>/ (run.log, metrics.jsonl, curves.png) and reads the chief's checkpoints to resume, so
+  the run folder must be on a file system all workers see under the same path.
+
+What is replicated is Trainer.build_step: forward pass, loss and the optimizer update, once per replica. Under a
+strategy train.batch_size is the GLOBAL batch: every worker reads the same input stream as a single-device run
+(same records, crops and flips; a resume starts after step * global batch records) and each replica takes its
+contiguous slice of every global batch, so the replicas of one step see exactly the single-device batch. Each
+replica's loss is divided by the replica count and the v1 optimizer sums the gradients over the replicas in
+apply_gradients (an all-reduce), which gives the gradient of the global-batch mean. Batch-norm statistics are per
+replica in the forward pass; the moving averages are updated with the mean over the replicas
+(tf.VariableAggregation.MEAN in model/layers.py). Saver and checkpoints see the mirrored variables under their
+usual names. Each worker decodes its whole global batch before taking its slice (like tf.data's
+AutoShardPolicy.DATA): exact, but the input pipeline does W times the work on W workers.
+
+No TensorFlow import at module level (TF_CONFIG parsing and the config check run before any graph work).
+"""
+import contextlib
+import json
+import logging
+import os
+from collections import namedtuple
+
+from effnet_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("none", "mirrored", "multi_worker")
+TRAINING_MODES = ("train_eval", "train")
+
+TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}\'')
+
+# This process's task in TF_CONFIG: id is its place in chief + workers (chief first), count their number.
+WorkerTask = namedtuple("WorkerTask", ["type", "index", "id", "count", "chief", "cluster"])
+
+
+def strategy_name(device_cfg):
+    return getattr(device_cfg, "strategy", None) or "none"
+
+
+def read_tf_config(environ=None):
+    """This process's WorkerTask from the environment variable TF_CONFIG; UserError naming what is wrong."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("TF_CONFIG", "").strip()
+    if not text:
+        raise UserError("device.strategy=multi_worker needs the environment variable TF_CONFIG in every worker, "
+                        "e.g. " + TF_CONFIG_EXAMPLE)
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise UserError("environment variable TF_CONFIG is not JSON ({}): {!r}".format(err, text))
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UserError("environment variable TF_CONFIG needs \"cluster\" and \"task\" objects, e.g. "
+                        + TF_CONFIG_EXAMPLE)
+    other = sorted(set(cluster) - {"chief", "worker"})
+    if other:
+        raise UserError("environment variable TF_CONFIG: device.strategy=multi_worker takes only chief and worker "
+                        "tasks, not {}".format(", ".join(other)))
+    chiefs, workers = list(cluster.get("chief") or []), list(cluster.get("worker") or [])
+    if len(chiefs) > 1:
+        raise UserError("environment variable TF_CONFIG lists {} chief tasks; at most one".format(len(chiefs)))
+    task_type, index = task.get("type"), task.get("index", 0)
+    tasks = {"chief": chiefs, "worker": workers}
+    if task_type not in tasks or not isinstance(index, int) or not 0 <= index < len(tasks[task_type]):
+        raise UserError("environment variable TF_CONFIG: task {} is not in its cluster (chief: {}, worker: {} "
+                        "task(s))".format(json.dumps(task), len(chiefs), len(workers)))
+    task_id = index + (len(chiefs) if task_type == "worker" else 0)
+    return WorkerTask(task_type, index, task_id, len(chiefs) + len(workers), task_id == 0,
+                      {"chief": chiefs, "worker": workers} if chiefs else {"worker": workers})
+
+
+def is_multi_worker_chief(device_cfg, environ=None):
+    """False only for a multi_worker task other than the chief (used by ascend_env.is_chief)."""
+    if strategy_name(device_cfg) != "multi_worker":
+        return True
+    return read_tf_config(environ).chief
+
+
+def _visible_gpus(device_cfg):
+    if getattr(device_cfg, "visible_devices", None) not in (None, ""):
+        return len([d for d in str(device_cfg.visible_devices).split(",") if d.strip()])
+    import tensorflow as tf
+
+    return len(tf.config.experimental.list_physical_devices("GPU"))
+
+
+def replica_count(device_cfg, environ=None):
+    """Replicas in sync under device.strategy (1 without one); UserError when it cannot be had here."""
+    name = strategy_name(device_cfg)
+    if name == "none":
+        return 1
+    if name == "mirrored":
+        if device_cfg.replicas > 0:
+            if device_cfg.name == "gpu" and device_cfg.replicas > _visible_gpus(device_cfg):
+                raise UserError("device.replicas={} but only {} GPU(s) are visible".format(
+                    device_cfg.replicas, _visible_gpus(device_cfg)))
+            return device_cfg.replicas
+        if device_cfg.name == "cpu":
+            raise UserError("device=cpu device.strategy=mirrored needs device.replicas=N >= 1 (N logical CPU "
+                            "devices)")
+        gpus = _visible_gpus(device_cfg)
+        if not gpus:
+            raise UserError("device=gpu device.strategy=mirrored device.replicas=0 (every GPU): no GPU is visible")
+        return gpus
+    task = read_tf_config(environ)
+    # MultiWorkerMirroredStrategy replicates over every GPU of each worker (the same count on all), or its CPU.
+    per_worker = _visible_gpus(device_cfg) if device_cfg.name == "gpu" else 1
+    return task.count * max(per_worker, 1)
+
+
+def check_strategy_config(cfg, environ=None):
+    """device.strategy / device.replicas, TF_CONFIG, the batch split and what a strategy cannot do yet: one
+    UserError naming the fields, before any graph or checkpoint exists."""
+    device = cfg.device
+    name = strategy_name(device)
+    if name not in STRATEGIES:
+        raise UserError("device.strategy={!r} is not one of {}".format(name, ", ".join(STRATEGIES)))
+    replicas = getattr(device, "replicas", 0)
+    if replicas < 0:
+        raise UserError("device.replicas={} must be >= 0".format(replicas))
+    if name == "none":
+        if replicas:
+            raise UserError("device.replicas={} needs device.strategy=mirrored".format(replicas))
+        return
+    if device.name == "ascend":
+        raise UserError("device=ascend has its own data parallelism (python -m effnet_exp.tools.launch_ascend); "
+                        "device.strategy={} is for device=cpu|gpu".format(name))
+    if name == "multi_worker" and replicas:
+        raise UserError("device.strategy=multi_worker takes device.replicas=0: each worker replicates over all "
+                        "its GPUs (limit them with CUDA_VISIBLE_DEVICES) or its CPU")
+    mode = getattr(cfg.mode, "value", cfg.mode)
+    if mode not in TRAINING_MODES:
+        return  # evaluation, prediction and export run on one device
+    unsupported = []
+    if cfg.train.nonfinite_policy == "skip":
+        unsupported.append("train.nonfinite_policy=skip")
+    if cfg.train.ema_decay:
+        unsupported.append("train.ema_decay={}".format(cfg.train.ema_decay))
+    if cfg.train.clip_grad_norm:
+        unsupported.append("train.clip_grad_norm={}".format(cfg.train.clip_grad_norm))
+    if getattr(device, "mixed_precision", False):
+        unsupported.append("device.mixed_precision=true")
+    if device.xla:
+        unsupported.append("device.xla=true")
+    if unsupported:
+        raise UserError("device.strategy={} cannot be combined with {} (not supported yet: unset {} or use "
+                        "device.strategy=none)".format(name, ", ".join(unsupported),
+                                                       "it" if len(unsupported) == 1 else "them"))
+    count = replica_count(device, environ)
+    batch = cfg.train.batch_size
+    if batch % count:
+        if name == "mirrored":
+            where = "device.replicas={}".format(replicas)
+        else:
+            workers = read_tf_config(environ).count
+            where = "{} worker(s) in TF_CONFIG x {} replica(s) each".format(workers, count // workers)
+        raise UserError("train.batch_size={} is not divisible by the {} replicas of device.strategy={} ({}); under a "
+                        "strategy train.batch_size is the global batch, split evenly over the replicas".format(
+                            batch, count, name, where))
+
+
+def worker_run_dir(run_dir, device_cfg, environ=None):
+    """The folder this process writes: the run folder, or <run folder>/worker_<id>/ for a multi_worker task other
+    than the chief, whose run.log (Hydra's file handler) moves there too."""
+    if is_multi_worker_chief(device_cfg, environ):
+        return run_dir
+    task = read_tf_config(environ)
+    own = os.path.join(run_dir, "worker_{}".format(task.id))
+    if not os.path.isdir(own):
+        os.makedirs(own)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and os.path.dirname(handler.baseFilename) == \
+                os.path.abspath(run_dir):
+            moved = logging.FileHandler(os.path.join(own, os.path.basename(handler.baseFilename)))
+            moved.setLevel(handler.level)
+            moved.setFormatter(handler.formatter)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(moved)
+    log.info("multi_worker: task %s:%d is not the chief; it writes only %s", task.type, task.index, own)
+    return own
+
+
+def chief_run_dir(run_dir, device_cfg, environ=None):
+    """The run folder whose checkpoints this process resumes from (the chief's, for the other workers)."""
+    if is_multi_worker_chief(device_cfg, environ):
+        return run_dir
+    return os.path.dirname(os.path.abspath(run_dir))
+
+
+def make_replicas(device_cfg, environ=None):
+    """Replicated(...) under device.strategy, else SingleDevice()."""
+    if strategy_name(device_cfg) == "none":
+        return SingleDevice()
+    return Replicated(device_cfg, environ)
+
+
+class SingleDevice(object):
+    """The training graph without a strategy: one iterator, one step, one local session."""
+
+    count = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def input_iterator(self, dataset_fn, global_batch):
+        """(initializer op, (images, labels)) of dataset_fn()'s batches."""
+        import tensorflow as tf
+
+        iterator = tf.compat.v1.data.make_initializable_iterator(dataset_fn())
+        return iterator.initializer, iterator.get_next()
+
+    def run(self, step_fn, inputs, *shared):
+        return step_fn(*(tuple(inputs) + shared))
+
+    def session(self, graph, config):
+        import tensorflow as tf
+
+        return tf.compat.v1.Session(graph=graph, config=config)
+
+    def log_layout(self, train_cfg, opt_cfg, schedule):
+        pass
+
+    def report_copies(self, sess, step):
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_info():
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+_SERVERS = {}  # one tf.distribute.Server per task and process (it cannot be stopped, its port stays bound)
+
+
+class Replicated(object):
+    """A tf.distribute strategy around the training graph (build everything inside scope())."""
+
+    def __init__(self, device_cfg, environ=None):
+        import tensorflow as tf
+
+        self.name = strategy_name(device_cfg)
+        self.device_cfg = device_cfg
+        self.task = None
+        self.cpu_devices = 0
+        if self.name == "mirrored":
+            count = replica_count(device_cfg, environ)
+            kind = "gpu" if device_cfg.name == "gpu" else "cpu"
+            self.cpu_devices = count if kind == "cpu" else 0
+            self.strategy = tf.compat.v1.distribute.MirroredStrategy(["/{}:{}".format(kind, i) for i in range(count)])
+        else:
+            self.task = read_tf_config(environ)
+            # Reads TF_CONFIG itself; in graph mode it starts no server (session() does).
+            self.strategy = tf.compat.v1.distribute.experimental.MultiWorkerMirroredStrategy()
+        self.count = self.strategy.num_replicas_in_sync
+        self.local_devices = list(self.strategy.extended.worker_devices)
+        self._copies = None
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def input_iterator(self, dataset_fn, global_batch):
+        """(initializer op, per-replica (images, labels)): every worker reads dataset_fn()'s global batches and each
+        replica takes its contiguous slice of each (global replica r: images [r * b, (r + 1) * b))."""
+        import tensorflow as tf
+
+        per_replica = global_batch // self.count
+
+        def input_fn(context):
+            local = context.num_replicas_in_sync // context.num_input_pipelines
+            first = context.input_pipeline_id * local * per_replica
+
+            def this_workers_replicas(images, labels):
+                def split(t):
+                    t = t[first:first + local * per_replica]
+                    return tf.reshape(t, [local, per_replica] + t.shape.as_list()[1:])
+
+                return tf.data.Dataset.from_tensor_slices((split(images), split(labels)))
+
+            # The local replicas take consecutive elements: local replica j gets global replica id * local + j.
+            return dataset_fn().flat_map(this_workers_replicas)
+
+        iterator = self.strategy.make_input_fn_iterator(input_fn)
+        init = iterator.initialize()  # an op (TF 1.15) or a list of ops (TF 2.x)
+        return tf.group(*init) if isinstance(init, (list, tuple)) else init, iterator.get_next()
+
+    def run(self, step_fn, inputs, *shared):
+        """step_fn(images, labels, *shared) on every replica (shared values, e.g. the global step, are captured,
+        not split); returns build_step's dict for the whole step: the grouped update and replica means."""
+        import tensorflow as tf
+
+        def replica_fn(*per_replica):
+            return step_fn(*(tuple(per_replica) + shared))
+
+        # TF 1.15 calls it experimental_run_v2, TF 2.x run.
+        run = self.strategy.run if hasattr(self.strategy, "run") else self.strategy.experimental_run_v2
+
+        def mean(value):
+            return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+
+        with _quiet_tensorflow_info():  # "Reduce to ... then broadcast to ..." for each all-reduce
+            outputs = run(replica_fn, args=tuple(inputs))
+            merged = {"train_op": self.strategy.group(outputs["train_op"]), "loss": mean(outputs["loss"]),
+                      "top1": mean(outputs["top1"]), "lr": mean(outputs["lr"]),
+                      "extra": {k: mean(v) for k, v in outputs.get("extra", {}).items()}}
+        self._copies = self._copies_op()
+        return merged
+
+    def _copies_op(self):
+        """(largest |difference| between a variable's local copies, float64 checksum of the first copies)."""
+        import tensorflow as tf
+
+        diffs, sums, self._copied = [], [], 0
+        with tf.name_scope("replica_copies"):
+            for var in tf.compat.v1.global_variables():
+                if not var.dtype.base_dtype.is_floating:
+                    continue
+                copies = [tf.convert_to_tensor(c) for c in self.strategy.experimental_local_results(var)]
+                sums.append(tf.reduce_sum(tf.cast(copies[0], tf.float64)))
+                for other in copies[1:]:
+                    diffs.append(tf.reduce_max(tf.abs(other - copies[0])))
+                self._copied += 1
+            spread = tf.reduce_max(tf.stack(diffs)) if diffs else tf.constant(0.0)
+            return spread, tf.add_n(sums) if sums else tf.constant(0.0, tf.float64)
+
+    def session(self, graph, config):
+        import tensorflow as tf
+
+        config_copy = tf.compat.v1.ConfigProto()
+        config_copy.CopyFrom(config)
+        if self.cpu_devices:
+            config_copy.device_count["CPU"] = self.cpu_devices  # the logical CPU devices of the replicas
+        config_copy = self.strategy.update_config_proto(config_copy)
+        target = ""
+        if self.task is not None:
+            key = (json.dumps(self.task.cluster, sort_keys=True), self.task.type, self.task.index)
+            if key not in _SERVERS:
+                _SERVERS[key] = tf.distribute.Server(tf.train.ClusterSpec(self.task.cluster), job_name=self.task.type,
+                                                     task_index=self.task.index, config=config_copy, start=True)
+            target = _SERVERS[key].target
+        return tf.compat.v1.Session(target=target, graph=graph, config=config_copy)
+
+    def log_layout(self, train_cfg, opt_cfg, schedule):
+        global_batch = train_cfg.batch_size
+        if self.task is None:
+            where = "{} replicas on {}".format(self.count, ", ".join(self.local_devices))
+        else:
+            where = "{} replicas in all, this is {}:{} (worker {} of {}{}) with {}".format(
+                self.count, self.task.type, self.task.index, self.task.id, self.task.count,
+                ", the chief" if self.task.chief else "", ", ".join(self.local_devices))
+        scale = opt_cfg.schedule.scale_batch
+        scaling = ("optimizer.lr {:g} x global batch {} / optimizer.schedule.scale_batch {}".format(
+            opt_cfg.lr, global_batch, scale) if scale else
+            "optimizer.lr as given, not scaled with the batch (optimizer.schedule.scale_batch=0)")
+        log.info("tf.distribute %s: %s; global batch %d = %d per replica x %d; %s = %s; gradients summed over the "
+                 "replicas (each loss / %d), batch-norm statistics per replica", self.name, where, global_batch,
+                 global_batch // self.count, self.count, schedule.describe(), scaling, self.count)
+
+    def report_copies(self, sess, step):
+        """Logs whether the local copies of every variable are still identical, and a checksum of the weights
+        (the same on every worker when the workers agree)."""
+        spread, checksum = sess.run(self._copies)
+        log.log(logging.INFO if spread == 0 else logging.WARNING,
+                "step %d: the copies of %d variables on this process's %d device(s) %s (largest |difference| %g); "
+                "weights checksum %.10g", step, self._copied, len(self.local_devices),
+                "agree" if spread == 0 else "DIFFER", spread, checksum)

@@ -1,0 +1,249 @@
+"""Data parallelism with tf.distribute (device.strategy), really run on this machine's CPU: two logical CPU devices
+in one process (mirrored) and two worker processes on localhost (multi_worker), each training the tiny model a few
+steps through run.py, compared with one replica (no strategy) trained on the same global batches.
+
+When is "the same" exact? Under a strategy each replica takes a contiguous half of every global batch of 8 and the
+optimizer sums the replicas' gradients of loss / 2, which is the gradient of the global-batch mean loss, the
+single-device gradient, up to float summation order. What differs is batch norm: in training mode each replica
+normalises with the statistics of its own 4 images, which is not what one replica does with 8. So these runs use
+train.freeze_bn=true (batch norm in inference mode with its moving statistics, not updated): then every image's
+loss depends only on the weights and the image, and the runs must agree to float tolerance. Dropout and
+drop-connect are off (no random masks) and every run starts from the same weights (model.pretrained: a checkpoint
+written here, so that no run draws its own random classifier head). Momentum SGD, so the optimizer slots are
+checkpointed and restored too. Batch norm in training mode under the strategy (per-replica statistics, moving
+averages averaged over the replicas) is checked separately: the two replicas' copies of the statistics agree.
+"""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import RUN_PY, TINY, run_py
+from effnet_exp.devices.strategy import check_strategy_config, read_tf_config
+from effnet_exp.errors import UserError
+
+# Lite0 cut to its first 3 blocks (same variable names, a fraction of the graph-building time): the strategy code
+# does not depend on the depth, and this file must stay fast on 2 cores.
+MODEL = ["model.blocks=[r1_k3_s11_e1_i32_o16,r2_k3_s22_e6_i16_o24]"]
+COMMON = TINY + MODEL + ["optimizer=momentum", "optimizer.lr=0.02", "model.dropout_rate=0", "model.survival_prob=1.0",
+                 "train.freeze_bn=true", "model.pretrained_weights=raw", "seed=3", "train.log_every=1",
+                 "train.checkpoint_every=2", "mode=train"]
+MIRRORED = ["device.strategy=mirrored", "device.replicas=2"]
+STEPS = 3
+
+
+def _env(extra=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra or {})
+    return env
+
+
+def _start(args, cwd, cache_dir, extra_env=None):
+    return subprocess.Popen([sys.executable, RUN_PY] + list(args), cwd=str(cwd),
+                            env=_env(dict(extra_env or {}, EFFNET_EXP_CACHE=cache_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+
+def _finish(procs, timeout=300):
+    """Waits for all; if one fails, stops the others (a lone worker would wait for its peer forever)."""
+    deadline = time.time() + timeout
+    outputs = [None] * len(procs)
+    while any(o is None for o in outputs):
+        for i, proc in enumerate(procs):
+            if outputs[i] is None and proc.poll() is not None:
+                outputs[i] = proc.communicate()
+                if proc.returncode != 0:
+                    for other in procs:
+                        if other.poll() is None:
+                            other.kill()
+        if time.time() > deadline:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        time.sleep(0.1)
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+
+
+def _assert_all_succeeded(results):
+    failed = [err[-3000:] for code, _, err in results if code != 0]
+    assert not failed, "\n----\n".join(failed)
+
+
+def _weights(run_dir, step=STEPS):
+    prefix = str(run_dir / "checkpoints" / ("model.ckpt-%d" % step))
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def _assert_same_weights(got, want):
+    assert sorted(got) == sorted(want)  # the same variable names, optimizer slots included
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def start_weights(tmp_path_factory):
+    """A 10-class Lite0 checkpoint with random weights: the common start of every run here."""
+    from hydra import compose, initialize_config_dir
+
+    from effnet_exp.config import register_configs
+    from effnet_exp.model.efficientnet import build_efficientnet
+    from effnet_exp.model.restore import model_variables
+
+    register_configs()
+    conf_dir = os.path.join(os.path.dirname(RUN_PY), "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        model_cfg = compose("config", overrides=["dataset.num_classes=10"] + MODEL).model
+    prefix = str(tmp_path_factory.mktemp("start") / "start.ckpt")
+    with tf.Graph().as_default():
+        tf.compat.v1.set_random_seed(7)
+        build_efficientnet(tf.zeros([1, 32, 32, 3]), model_cfg, is_training=False)
+        variables = model_variables(model_cfg.name)
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.variables_initializer(variables))
+            tf.compat.v1.train.Saver(variables).save(sess, prefix)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def single_and_mirrored(tmp_path_factory, cache_dir, start_weights):
+    """One replica for STEPS steps; at the same time the mirrored run's first 2 steps (it resumes later)."""
+    cwd = tmp_path_factory.mktemp("runs")
+    common = COMMON + ["model.pretrained=" + start_weights]
+    single, mirrored = cwd / "single", cwd / "mirrored"
+    results = _finish([
+        _start(common + ["train.steps=%d" % STEPS, "hydra.run.dir=" + str(single)], cwd, cache_dir),
+        _start(common + MIRRORED + ["train.steps=2", "hydra.run.dir=" + str(mirrored)], cwd, cache_dir)])
+    _assert_all_succeeded(results)
+    return cwd, common, single, mirrored
+
+
+def test_mirrored_on_two_cpu_devices_matches_one_replica_and_resumes(single_and_mirrored, cache_dir, start_weights):
+    cwd, common, single, mirrored = single_and_mirrored
+    # The same command with more steps resumes from model.ckpt-2: weights, momentum slots, global step, and the
+    # input stream after 2 global batches.
+    proc = run_py(common + MIRRORED + ["train.steps=%d" % STEPS, "hydra.run.dir=" + str(mirrored)], cwd, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_text = (mirrored / "run.log").read_text()
+    assert "resumed from " + str(mirrored / "checkpoints" / "model.ckpt-2") in log_text
+    assert "input stream resumes after 2 batches of 8" in log_text
+    assert "tf.distribute mirrored: 2 replicas on /replica:0/task:0/device:CPU:0, " \
+           "/replica:0/task:0/device:CPU:1; global batch 8 = 4 per replica x 2" in log_text
+    assert "optimizer.lr as given" in log_text
+    # The two replicas' copies of every variable are identical after training (checked in the process).
+    assert "step 3: the copies of" in log_text and "on this process's 2 device(s) agree (largest |difference| 0)" \
+        in log_text
+    steps = [json.loads(l)["step"] for l in (mirrored / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    _assert_same_weights(_weights(mirrored), _weights(single))
+    # Training really moved the weights (the comparison is not between two copies of the start).
+    start = tf.compat.v1.train.NewCheckpointReader(start_weights)
+    name = "efficientnet-lite0/head/dense/kernel"
+    assert np.abs(_weights(single)[name] - start.get_tensor(name)).max() > 1e-4
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_localhost_match_one_replica_and_only_the_chief_writes(single_and_mirrored, cache_dir):
+    cwd, common, single, _ = single_and_mirrored
+    run_dir = cwd / "workers"
+    cluster = {"worker": ["localhost:%d" % port for port in _free_ports(2)]}
+    args = common + ["device.strategy=multi_worker", "train.steps=%d" % STEPS, "mode=train_eval",
+                     "hydra.run.dir=" + str(run_dir)]
+    procs = [_start(args, cwd, cache_dir, {"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                    "task": {"type": "worker", "index": i}})})
+             for i in range(2)]
+    results = _finish(procs)
+    _assert_all_succeeded(results)
+    # The chief (worker 0) wrote the run folder; worker 1 only its own folder, never a checkpoint or eval.json.
+    written = sorted(os.path.relpath(p, str(run_dir)) for p in glob.glob(str(run_dir / "**" / "*"), recursive=True))
+    assert [p for p in written if ".index" in p] == ["checkpoints/model.ckpt-2.index", "checkpoints/model.ckpt-3.index"]
+    assert [p for p in written if p.endswith("eval.json")] == ["eval.json"]
+    assert [p for p in written if "tfevents" in p and not p.startswith("tensorboard")] == []
+    worker = sorted(p for p in written if p.startswith("worker_"))
+    assert "worker_1/run.log" in worker and not any("checkpoints" in p or "tensorboard" in p for p in worker)
+    assert "eval top1" in results[0][1] and "eval top1" not in results[1][1]
+    chief_log, worker_log = (run_dir / "run.log").read_text(), (run_dir / "worker_1" / "run.log").read_text()
+    assert "tf.distribute multi_worker: 2 replicas in all, this is worker:0 (worker 0 of 2, the chief)" in chief_log
+    assert "this is worker:1 (worker 1 of 2)" in worker_log
+    # Both workers end with the same weights (checksums), equal to one replica trained on the same batches.
+    def checksum(text):
+        return [l.rsplit("weights checksum", 1)[1] for l in text.splitlines() if "weights checksum" in l][-1]
+    assert checksum(chief_log) == checksum(worker_log)
+    _assert_same_weights(_weights(run_dir), _weights(single))
+
+
+def test_batch_not_divisible_by_the_replicas_is_one_clear_error(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    proc = run_py(TINY + ["device.strategy=mirrored", "device.replicas=3", "hydra.run.dir=" + str(run_dir)],
+                  tmp_path, cache_dir)
+    assert proc.returncode == 2
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert "train.batch_size=8" in line and "device.replicas=3" in line, line
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def _cfg(strategy="mirrored", replicas=2, device="cpu", batch=8, mode="train_eval", **train):
+    device_cfg = types.SimpleNamespace(name=device, strategy=strategy, replicas=replicas, xla=False,
+                                       mixed_precision=train.pop("mixed_precision", False))
+    train_cfg = dict(batch_size=batch, nonfinite_policy="stop", ema_decay=None, clip_grad_norm=None)
+    train_cfg.update(train)
+    return types.SimpleNamespace(device=device_cfg, mode=mode, train=types.SimpleNamespace(**train_cfg))
+
+
+def test_strategy_config_errors_name_the_fields():
+    check_strategy_config(_cfg())
+    check_strategy_config(_cfg(strategy="none", replicas=0))
+    with pytest.raises(UserError, match=r"train.nonfinite_policy=skip, train.ema_decay=0.99"):
+        check_strategy_config(_cfg(nonfinite_policy="skip", ema_decay=0.99))
+    with pytest.raises(UserError, match=r"device.mixed_precision=true"):
+        check_strategy_config(_cfg(device="gpu", replicas=1, mixed_precision=True))
+    with pytest.raises(UserError, match=r"device.strategy='horovod' is not one of none, mirrored, multi_worker"):
+        check_strategy_config(_cfg(strategy="horovod"))
+    with pytest.raises(UserError, match=r"device.replicas=2 needs device.strategy=mirrored"):
+        check_strategy_config(_cfg(strategy="none"))
+    with pytest.raises(UserError, match=r"device=cpu device.strategy=mirrored needs device.replicas=N >= 1"):
+        check_strategy_config(_cfg(replicas=0))
+    with pytest.raises(UserError, match=r"device=ascend has its own data parallelism"):
+        check_strategy_config(_cfg(device="ascend"))
+    check_strategy_config(_cfg(mode="eval", ema_decay=0.99))  # evaluation runs on one device: no objection
+    with pytest.raises(UserError, match=r"TF_CONFIG"):
+        check_strategy_config(_cfg(strategy="multi_worker", replicas=0), environ={})
+    three = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:1", "c:1"]},
+                                      "task": {"type": "worker", "index": 2}})}
+    with pytest.raises(UserError, match=r"train.batch_size=8 is not divisible by the 3 replicas"):
+        check_strategy_config(_cfg(strategy="multi_worker", replicas=0), environ=three)
+
+
+def test_tf_config_chief_and_worker_ids():
+    def task(cluster, task_type, index):
+        return read_tf_config({"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                        "task": {"type": task_type, "index": index}})})
+    workers = {"worker": ["a:1", "b:1"]}
+    assert task(workers, "worker", 0)[:5] == ("worker", 0, 0, 2, True)
+    assert task(workers, "worker", 1)[:5] == ("worker", 1, 1, 2, False)
+    with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    assert task(with_chief, "chief", 0)[:5] == ("chief", 0, 0, 3, True)
+    assert task(with_chief, "worker", 0)[:5] == ("worker", 0, 1, 3, False)
+    with pytest.raises(UserError, match=r"not in its cluster"):
+        task(workers, "worker", 2)
+    with pytest.raises(UserError, match=r"only chief and worker tasks, not ps"):
+        task(dict(workers, ps=["p:1"]), "worker", 0)
+    with pytest.raises(UserError, match=r"not JSON"):
+        read_tf_config({"TF_CONFIG": "{cluster"})
