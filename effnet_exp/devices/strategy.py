@@ -145,10 +145,6 @@ def check_strategy_config(cfg, environ=None):
     unsupported = []
     if cfg.train.nonfinite_policy == "skip":
         unsupported.append("train.nonfinite_policy=skip")
-    if cfg.train.ema_decay:
-        unsupported.append("train.ema_decay={}".format(cfg.train.ema_decay))
-    if cfg.train.clip_grad_norm:
-        unsupported.append("train.clip_grad_norm={}".format(cfg.train.clip_grad_norm))
     if getattr(device, "mixed_precision", False):
         unsupported.append("device.mixed_precision=true")
     if device.xla:
@@ -231,6 +227,9 @@ class SingleDevice(object):
         return tf.compat.v1.Session(graph=graph, config=config)
 
     def log_layout(self, train_cfg, opt_cfg, schedule):
+        pass
+
+    def watch_copies(self):
         pass
 
     def report_copies(self, sess, step):
@@ -321,8 +320,11 @@ class Replicated(object):
             merged = {"train_op": self.strategy.group(outputs["train_op"]), "loss": mean(outputs["loss"]),
                       "top1": mean(outputs["top1"]), "lr": mean(outputs["lr"]),
                       "extra": {k: mean(v) for k, v in outputs.get("extra", {}).items()}}
-        self._copies = self._copies_op()
         return merged
+
+    def watch_copies(self):
+        """Builds the check of report_copies over every variable there is now (call once the graph is complete)."""
+        self._copies = self._copies_op()
 
     def _copies_op(self):
         """(largest |difference| between a variable's local copies, float64 checksum of the first copies)."""

@@ -34,13 +34,31 @@ def weight_decay_loss(variables, weight_decay):
         return tf.multiply(weight_decay, tf.add_n([tf.nn.l2_loss(v) for v in decayed]), name="l2_loss")
 
 
-def clip_gradients(grads_and_vars, clip_norm):
-    """Gradients clipped to a global norm of clip_norm (no-op when it is None)."""
+def clip_gradients(grads_and_vars, clip_norm, replicas=1):
+    """Gradients clipped to a global norm of clip_norm (no-op when it is None).
+
+    Under a tf.distribute strategy (replicas > 1, called in the replica context) the norm that counts is the one
+    of the gradient the optimizer will apply, the sum over the replicas: each replica all-reduces its gradients,
+    clips that sum, and hands on 1 / replicas of it, since apply_gradients sums the replicas' gradients again."""
     if not clip_norm:
         return grads_and_vars
     pairs = [(g, v) for g, v in grads_and_vars if g is not None]
-    clipped, _ = tf.clip_by_global_norm([g for g, _ in pairs], clip_norm, name="clip_by_global_norm")
+    grads = [g for g, _ in pairs]
+    if replicas > 1:
+        grads = _sum_over_replicas(grads, [v for _, v in pairs])
+    clipped, _ = tf.clip_by_global_norm(grads, clip_norm, name="clip_by_global_norm")
+    if replicas > 1:
+        clipped = [g / replicas for g in clipped]
     return [(g, v) for g, (_, v) in zip(clipped, pairs)]
+
+
+def _sum_over_replicas(grads, variables):
+    """Each replica's gradients summed over the replicas, in the replica context (on TF 2.x
+    ReplicaContext.all_reduce wraps this in a custom gradient that cannot find mirrored variables by name)."""
+    def merge(strategy, *per_replica):
+        return strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, list(zip(per_replica, variables)))
+
+    return list(tf.distribute.get_replica_context().merge_call(merge, args=tuple(grads)))
 
 
 class WeightsAverage(object):

@@ -89,7 +89,7 @@ class Trainer(object):
         # device.strategy: apply_gradients sums the replicas' gradients, so each replica's loss counts 1 / replicas.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         grads_and_vars = optimizer.compute_gradients(loss / replicas if replicas > 1 else loss, var_list=variables)
-        grads_and_vars = clip_gradients(grads_and_vars, cfg.train.clip_grad_norm)
+        grads_and_vars = clip_gradients(grads_and_vars, cfg.train.clip_grad_norm, replicas)
         update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
         with tf.control_dependencies(update_ops):
             if scaling is not None:  # overflow steps are skipped (and counted) by the loss-scale optimizer
@@ -99,7 +99,7 @@ class Trainer(object):
             else:
                 train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
         self.weights_average = None
-        if cfg.train.ema_decay:
+        if cfg.train.ema_decay and not tf.distribute.has_strategy():  # (under a strategy: _average_weights_after)
             self.weights_average = WeightsAverage(cfg.train.ema_decay, global_step, model_variables(cfg.model.name))
             train_op = self.weights_average.after(train_op)
         extra = {"lr": learning_rate}
@@ -193,6 +193,9 @@ class Trainer(object):
             iterator_init, inputs = replicas.input_iterator(dataset, cfg.train.batch_size)
             global_step = tf.compat.v1.train.get_or_create_global_step()
             step_ops = replicas.run(self.build_step, inputs, global_step)
+            if tf.distribute.has_strategy():
+                step_ops["train_op"] = self._average_weights_after(step_ops["train_op"], global_step)
+            replicas.watch_copies()
             replicas.log_layout(cfg.train, cfg.optimizer, self.schedule)
             saver = tf.compat.v1.train.Saver(max_to_keep=cfg.train.keep_checkpoint_max,
                                              save_relative_paths=True)
@@ -212,6 +215,17 @@ class Trainer(object):
                     return result
             finally:
                 writer.close()
+
+    def _average_weights_after(self, train_op, global_step):
+        """Under a strategy the moving averages are updated once per step, after the replicas' update, in the
+        cross-replica context (mirrored shadows, one update of every copy); build_step does it otherwise."""
+        from effnet_exp.training.regularization import WeightsAverage
+
+        if not self.cfg.train.ema_decay:
+            return train_op
+        self.weights_average = WeightsAverage(self.cfg.train.ema_decay, global_step,
+                                              model_variables(self.cfg.model.name))
+        return self.weights_average.after(train_op)
 
     def _checkpointed_step(self):
         """The global step of the run folder's latest checkpoint (0 without one), read before the graph exists."""
