@@ -149,6 +149,17 @@ def test_a_long_run_of_bad_records_is_counted_exactly(tmp_path):
     last = str(tmp_path / "validation-last")
     pipeline.write_tfrecord(last, [_serialized(0), _serialized(1, image=broken)])
     assert _eval(_cfg(skip_bad_records=True), [last]) == ([0], 1)
+    with pytest.raises(UserError, match="record 1 of {}: its JPEG".format(last)):
+        _eval(_cfg(), [last])
+    # Other image/label keys and a label offset: the evaluation's terminal record (a tiny image under the same
+    # keys, decoded like the others) still follows the bad last record, and is never counted or checked.
+    keys = dict(image_key="image", label_key="label", label_offset=1)
+    other = str(tmp_path / "validation-keys")
+    pipeline.write_tfrecord(other, [pipeline.make_example(image, i + 1, image_key="image", label_key="label")
+                                    for i, image in enumerate([_good(0), _good(1), broken])])
+    assert _eval(_cfg(skip_bad_records=True, **keys), [other]) == ([0, 1], 1)
+    with pytest.raises(UserError, match="record 2 of {}: its JPEG".format(other)):
+        _eval(_cfg(**keys), [other])
 
 
 def test_skip_bad_records_while_training(bad_files):

@@ -267,6 +267,33 @@ def test_unknown_activation():
 # --------------------------------------------------------------------------
 
 
+def test_inference_swish_is_sigmoid_times_input_and_training_keeps_tf_nn_swish():
+    """Inference graphs spell swish as x * sigmoid(x), the pattern Grappler's oneDNN remapper fuses into the
+    convolution (a benchmark decision, see layers.get_activation); training keeps tf.nn.swish (IdentityN: its own
+    gradient). Both give the same values."""
+    cfg = make_cfg("b0", blocks=["r1_k3_s11_e1_i32_o16_se0.25", "r1_k3_s22_e6_i16_o24_se0.25"])
+    for training in (False, True):
+        with tf.Graph().as_default() as g:
+            build_efficientnet(tf.zeros([2, 32, 32, 3]), cfg, is_training=training)
+            sigmoids = [op for op in g.get_operations() if op.type == "Sigmoid"]
+            identity_n = [op.name for op in g.get_operations() if op.type == "IdentityN"]
+            assert len(sigmoids) >= 6
+            if training:
+                assert identity_n
+                continue
+            assert not identity_n
+            for sig in sigmoids:  # each one's output multiplies its own input (SE gates excepted)
+                muls = [c for c in sig.outputs[0].consumers() if c.type == "Mul"]
+                assert len(muls) == 1, sig.name
+                assert sig.inputs[0] in list(muls[0].inputs) or "/se/" in sig.name, muls[0].name
+    with tf.Graph().as_default():
+        t = tf.constant(np.random.RandomState(0).normal(0, 3, [1000]).astype(np.float32))
+        with tf.compat.v1.Session() as sess:
+            plain, spelled = sess.run([layers.get_activation("swish", True)(t),
+                                       layers.get_activation("swish", False)(t)])
+    np.testing.assert_allclose(spelled, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_forward_train_inference_and_drop_connect():
     # DictConfig path, small classifier; dropout off so only drop-connect is random.
     base = OmegaConf.structured(make_cfg("b0", num_classes=10, dropout_rate=0.0, survival_prob=0.2))

@@ -12,7 +12,8 @@ Bad data is caught inside the graph, so the error can name the file and the reco
 - before the (parallel, order-keeping) decode map, every element gets a sequence number and the
   names of the few elements before it; errors in the map drop their element (`ignore_errors`), so a
   gap in the sequence numbers counts the bad records exactly, and the next good element names them.
-  (Evaluation appends a terminal element, so a bad last record is caught too.)
+  (Evaluation appends a terminal element, so a bad last record is caught too; end-of-file markers
+  of good files are dropped before the map, so that it decodes every element it gets without a tf.cond.)
 
 A bad record then either stops the run (default: an assertion whose message carries the file and
 index; wrap the session loop in `data_errors(cfg)` to turn it into one UserError line with the precise
@@ -637,6 +638,28 @@ def _folder_elements(items, cfg, is_training, seed, num_shards, shard_index, sta
     return _epochs(epoch_items, epoch, offset).map(element)
 
 
+# The evaluation stream's terminal record: a 32x32 grey JPEG (tf.io.encode_jpeg, quality 50), decoded like any
+# record and then dropped.
+_TERMINAL_JPEG = codecs.decode(
+    b"/9j/4AAQSkZJRgABAQEBLAEsAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1RV19iZ2hn"
+    b"Pk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
+    b"Y2P/wAARCAAgACADASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAAAAECAwQFBgcICQoL/8QAtRAAAgEDAwIEAwUFBAQAAAF9AQID"
+    b"AAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAkM2JyggkKFhcYGRolJicoKSo0NTY3ODk6Q0RFRkdISUpTVFVWV1hZWmNkZWZnaGlq"
+    b"c3R1dnd4eXqDhIWGh4iJipKTlJWWl5iZmqKjpKWmp6ipqrKztLW2t7i5usLDxMXGx8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx8vP09fb3"
+    b"+Pn6/8QAHwEAAwEBAQEBAQEBAQAAAAAAAAECAwQFBgcICQoL/8QAtREAAgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJBUQdhcRMiMoEI"
+    b"FEKRobHBCSMzUvAVYnLRChYkNOEl8RcYGRomJygpKjU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6goOEhYaHiImK"
+    b"kpOUlZaXmJmaoqOkpaanqKmqsrO0tba3uLm6wsPExcbHyMnK0tPU1dbX2Nna4uPk5ebn6Onq8vP09fb3+Pn6/9oADAMBAAIRAxEAPwAo"
+    b"oooAKKKKACiiigAooooA/9k=", "base64")
+
+
+def _terminal_record(cfg):
+    """The serialized terminal record, under the dataset's image and label keys (its label is never checked)."""
+    label = int(getattr(cfg, "label_offset", 0))
+    return serialize_example(make_example(
+        _TERMINAL_JPEG, label, height=32, width=32, image_key=getattr(cfg, "image_key", "image/encoded"),
+        label_key=getattr(cfg, "label_key", "image/class/label")))
+
+
 def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, num_classes, records,
                     first_element=0):
     """Elements -> (image [?, ?, 3] normalised, label), with bad records reported or skipped (see the
@@ -655,10 +678,20 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
             return path, index, payload, tf.constant(-1, tf.int32), kind
         return element
 
+    if records:
+        # A file read to its end has nothing to decode. (A broken file's marker stays: it fails in the map, and
+        # so counts as a bad record.)
+        dataset = dataset.filter(lambda path, index, payload, kind: tf.not_equal(kind, _END_OK))
     if not is_training:
-        # Comes out of the map whatever happened before it: a bad last record is seen too.
-        terminal = (tf.constant(""), tf.constant(-1, tf.int64), tf.constant(""))
-        terminal += ((tf.constant(_TERMINAL),) if records else (tf.constant(-1), tf.constant(_TERMINAL)))
+        # Comes out of the map whatever happened before it: a bad last record is seen too. In TFRecords it is a
+        # real (tiny) record, so that the map needs no tf.cond around the decoding: that cond costs more CPU per
+        # image than everything else the checks add.
+        if records:
+            terminal = (tf.constant(""), tf.constant(-1, tf.int64), tf.constant(_terminal_record(cfg)),
+                        tf.constant(_TERMINAL))
+        else:
+            terminal = (tf.constant(""), tf.constant(-1, tf.int64), tf.constant(""), tf.constant(-1),
+                        tf.constant(_TERMINAL))
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(terminal))
 
     def number(state, element):
@@ -674,7 +707,8 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
 
     def real(image_number, path, payload, label, kind):
         # _BROKEN elements have nothing to decode: they fail, and so count as bad records.
-        is_record = tf.debugging.Assert(tf.equal(kind, _RECORD if records else _FILE), [BAD_RECORD_MARK])
+        readable = tf.logical_or(tf.equal(kind, _RECORD if records else _FILE), tf.equal(kind, _TERMINAL))
+        is_record = tf.debugging.Assert(readable, [BAD_RECORD_MARK])
         with tf.control_dependencies([is_record]):
             if records:
                 image_bytes, label = parse_record(payload, cfg)
@@ -689,11 +723,13 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
         return preprocessing.normalize(image, normalization), label
 
     def decode(seq, image_number, prev_path, prev_index, prev_kind, path, index, payload, label, kind):
-        marker = tf.logical_or(tf.equal(kind, _END_OK), tf.equal(kind, _TERMINAL))
-        image, label = tf.cond(
-            marker,
-            lambda: (tf.zeros([0, 0, 3], tf.float32), tf.constant(-1, tf.int32)),
-            lambda: real(image_number, path, payload, label, kind))
+        if records:
+            image, label = real(image_number, path, payload, label, kind)
+        else:
+            image, label = tf.cond(
+                tf.equal(kind, _TERMINAL),
+                lambda: (tf.zeros([0, 0, 3], tf.float32), tf.constant(-1, tf.int32)),
+                lambda: real(image_number, path, payload, label, kind))
         return seq, prev_path, prev_index, prev_kind, path, index, kind, image, label
 
     def gaps(last_seq, element):

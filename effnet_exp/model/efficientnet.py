@@ -158,7 +158,7 @@ def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False):
         is_training = layers._static_bool(is_training)
     # freeze_bn: batch norm uses (and keeps) its moving statistics even while the rest trains.
     bn_training = is_training and not freeze_bn
-    act = layers.get_activation(_get(cfg, "activation", "swish"))
+    act = layers.get_activation(_get(cfg, "activation", "swish"), is_training)
     stem_filters, head_filters = stem_and_head_filters(cfg)
     bn_momentum = float(_get(cfg, "batch_norm_momentum", 0.99))
     bn_epsilon = float(_get(cfg, "batch_norm_epsilon", 1e-3))
