@@ -179,8 +179,10 @@ def test_two_workers_on_localhost_match_one_replica_and_only_the_chief_writes(si
     cwd, common, single, _ = single_and_mirrored
     run_dir = cwd / "workers"
     cluster = {"worker": ["localhost:%d" % port for port in _free_ports(2)]}
+    # With the skip policy on (its cross-worker check and condition around the update; these steps are finite,
+    # so it must change nothing against the single replica, which runs without it).
     args = common + ["device.strategy=multi_worker", "train.steps=%d" % STEPS, "mode=train_eval",
-                     "hydra.run.dir=" + str(run_dir)]
+                     "train.nonfinite_policy=skip", "hydra.run.dir=" + str(run_dir)]
     procs = [_start(args, cwd, cache_dir, {"TF_CONFIG": json.dumps({"cluster": cluster,
                                                                     "task": {"type": "worker", "index": i}})})
              for i in range(2)]
@@ -204,6 +206,130 @@ def test_two_workers_on_localhost_match_one_replica_and_only_the_chief_writes(si
     _assert_same_weights(_weights(run_dir), _weights(single))
 
 
+# Run in a fresh process (the logical CPU devices of a MirroredStrategy must exist before TensorFlow starts): two
+# replicas, either of which can be given an infinite loss, updating w with the skip policy's condition ("skip") or
+# through device=gpu's loss-scale optimizer ("loss_scale"); prints what each step did to the copies of the weights
+# and momentum slots, the global step, and the loss-scale monitors.
+_PROBE = """
+import json, sys, types
+import tensorflow as tf
+from effnet_exp.devices.ascend_env import DataParallel
+from effnet_exp.devices.config import GpuDeviceConfig, LossScaleConfig
+from effnet_exp.devices.loss_scaling import wrap_optimizer
+from effnet_exp.devices.strategy import apply_if_all_finite, make_replicas
+
+mode = sys.argv[1]
+device = types.SimpleNamespace(name="cpu", strategy="mirrored", replicas=2, xla=False)
+graph = tf.Graph()
+with graph.as_default():
+    replicas = make_replicas(device)
+with graph.as_default(), replicas.scope():
+    step = tf.compat.v1.train.get_or_create_global_step()
+    bad = tf.compat.v1.placeholder(tf.int32, [])  # the replica whose loss is infinite (-1: none)
+    w = tf.compat.v1.get_variable("w", initializer=[1.0, -2.0], use_resource=True)
+    opt = tf.compat.v1.train.MomentumOptimizer(0.1, 0.9, use_nesterov=True)
+
+    def replica_fn():
+        rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+        loss = tf.reduce_sum(w * w) * tf.where(tf.equal(bad, rid), float("inf"), 1.0)
+        if mode == "skip":
+            grads_and_vars = opt.compute_gradients(loss, [w])
+            finite = tf.logical_and(tf.math.is_finite(loss),
+                                    tf.math.is_finite(tf.linalg.global_norm([grads_and_vars[0][0]])))
+            return apply_if_all_finite(opt, grads_and_vars, finite, step), {}
+        gpu = GpuDeviceConfig(mixed_precision=True, loss_scale=LossScaleConfig(init_scale=128.0, incr_every_n_steps=2))
+        scaled, scaling = wrap_optimizer(opt, gpu, DataParallel(1, 0))
+        update = scaling.apply_gradients(scaled.compute_gradients(loss, [w]), step)
+        return update, scaling.monitors(update)
+
+    run = replicas.strategy.run if hasattr(replicas.strategy, "run") else replicas.strategy.experimental_run_v2
+    update, monitors = run(replica_fn)
+    train_op = replicas.strategy.group(update)
+    monitors = {k: replicas.strategy.experimental_local_results(v)[0] for k, v in monitors.items()}
+    slot = [v for v in tf.compat.v1.global_variables() if v.op.name == "w/Momentum"][0]
+    copies = [tf.convert_to_tensor(c) for c in replicas.strategy.experimental_local_results(w)]
+    slots = [tf.convert_to_tensor(c) for c in replicas.strategy.experimental_local_results(slot)]
+    init = tf.compat.v1.global_variables_initializer()
+with replicas.session(graph, tf.compat.v1.ConfigProto()) as sess:
+    sess.run(init)
+    states = []
+    for which in [int(a) for a in sys.argv[2:]]:
+        _, seen = sess.run([train_op, monitors], {bad: which})
+        w_copies, m_copies, s = sess.run([copies, slots, step])
+        scale = [float(sess.run(v)) for v in tf.compat.v1.global_variables() if v.op.name == "current_loss_scale"]
+        states.append({"w": [c.tolist() for c in w_copies], "m": [c.tolist() for c in m_copies], "step": int(s),
+                       "monitors": {k: float(v) for k, v in seen.items()}, "scale": scale})
+print(json.dumps(states))
+"""
+
+
+def _probe(tmp_path, mode, bad_replicas):
+    env = _env({"PYTHONPATH": os.path.dirname(RUN_PY)})
+    proc = subprocess.run([sys.executable, "-c", _PROBE, mode] + [str(b) for b in bad_replicas], cwd=str(tmp_path),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [s["step"] for s in states] == list(range(1, len(bad_replicas) + 1))  # every step counts
+    for state in states:  # the two replicas' copies always agree
+        assert state["w"][0] == state["w"][1] and state["m"][0] == state["m"][1]
+    return states
+
+
+def _assert_skipped_when_any_replica_is_not_finite(states):
+    """States after steps with an infinite loss on replica 1, on none, on replica 0, on none."""
+    skipped_1, updated_2, skipped_3, updated_4 = states
+    assert skipped_1["w"][0] == [1.0, -2.0] and skipped_1["m"][0] == [0.0, 0.0]  # replica 1's inf stopped both
+    # The finite step applies the gradient of the two replicas' losses summed: 2 * (2 w) = [4, -8].
+    np.testing.assert_allclose(updated_2["m"][0], [4.0, -8.0])
+    assert updated_2["w"][0] != [1.0, -2.0]
+    assert skipped_3["w"] == updated_2["w"] and skipped_3["m"] == updated_2["m"]  # replica 0's inf stopped both
+    assert updated_4["w"][0] != skipped_3["w"][0]
+
+
+def test_skip_policy_skips_every_replica_when_one_replica_is_not_finite(tmp_path):
+    """train.nonfinite_policy=skip under mirrored: an infinite loss on either replica skips the update on both
+    (weights and momentum slots untouched, the step still counts); a finite step updates both alike."""
+    _assert_skipped_when_any_replica_is_not_finite(_probe(tmp_path, "skip", [1, -1, 0, -1]))
+
+
+def test_loss_scaling_under_mirrored_skips_and_counts_overflows_of_any_replica(tmp_path):
+    """device=gpu device.mixed_precision=true under a strategy, without a GPU: the float16 rewrite cannot run here
+    (test_recipe.py checks its session switch), but the loss-scale optimizer and the overflow counter do, on two
+    logical CPU replicas: an overflow on either replica skips the step on both, is counted once and halves the
+    dynamic scale; finite steps apply the unscaled gradient."""
+    states = _probe(tmp_path, "loss_scale", [1, -1, 0, -1, -1])
+    _assert_skipped_when_any_replica_is_not_finite(states[:4])
+    assert [s["monitors"]["overflow_steps"] for s in states] == [1, 1, 2, 2, 2]
+    # 128 halved by each overflow, doubled after incr_every_n_steps=2 finite steps in a row.
+    assert [s["scale"] for s in states] == [[64], [64], [32], [32], [64]]
+    if not tf.__version__.startswith("1."):
+        # The monitor read with the step shows the scale after it; on TF 1.15 it can still show the one before
+        # (the README says so).
+        assert [s["monitors"]["loss_scale"] for s in states] == [64, 64, 32, 32, 64]
+
+
+def test_skip_policy_under_mirrored_stops_like_one_replica(tmp_path, cache_dir):
+    """The training loop with the skip policy under mirrored: diverging steps are skipped, counted and logged,
+    and the run stops after train.max_nonfinite_steps in a row, as without a strategy (test_faults.py); the
+    checkpoints of the skipped steps hold the weights and momentum slots of the last good one. (The batch-norm
+    moving averages still take each batch's statistics while those are finite, with or without a strategy.)"""
+    run_dir = tmp_path / "run"
+    proc = run_py(TINY + MODEL + MIRRORED + ["model.pretrained=null", "optimizer=sgd_nesterov", "optimizer.lr=1e30",
+                                             "train.log_every=1", "train.checkpoint_every=1", "train.steps=6",
+                                             "train.nonfinite_policy=skip", "train.max_nonfinite_steps=3",
+                                             "mode=train", "hydra.run.dir=" + str(run_dir)], tmp_path, cache_dir)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "not finite for 3 steps in a row, up to step 4" in proc.stderr
+    assert "update skipped" in (run_dir / "run.log").read_text()
+    after_good, after_skipped = _weights(run_dir, 1), _weights(run_dir, 3)
+    for name in after_good:
+        assert np.isfinite(after_skipped[name]).all(), name
+        if name != "global_step" and "/moving_" not in name:
+            np.testing.assert_array_equal(after_skipped[name], after_good[name], err_msg=name)
+    assert any(name.endswith("/Momentum") for name in after_good)
+
+
 def test_batch_not_divisible_by_the_replicas_is_one_clear_error(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     proc = run_py(TINY + ["device.strategy=mirrored", "device.replicas=3", "hydra.run.dir=" + str(run_dir)],
@@ -215,7 +341,7 @@ def test_batch_not_divisible_by_the_replicas_is_one_clear_error(tmp_path, cache_
 
 
 def _cfg(strategy="mirrored", replicas=2, device="cpu", batch=8, mode="train_eval", **train):
-    device_cfg = types.SimpleNamespace(name=device, strategy=strategy, replicas=replicas, xla=False,
+    device_cfg = types.SimpleNamespace(name=device, strategy=strategy, replicas=replicas, xla=train.pop("xla", False),
                                        mixed_precision=train.pop("mixed_precision", False))
     train_cfg = dict(batch_size=batch, nonfinite_policy="stop", ema_decay=None, clip_grad_norm=None)
     train_cfg.update(train)
@@ -226,10 +352,12 @@ def test_strategy_config_errors_name_the_fields():
     check_strategy_config(_cfg())
     check_strategy_config(_cfg(strategy="none", replicas=0))
     check_strategy_config(_cfg(ema_decay=0.99, clip_grad_norm=1.0))
-    with pytest.raises(UserError, match=r"cannot be combined with train.nonfinite_policy=skip \(not supported yet"):
-        check_strategy_config(_cfg(nonfinite_policy="skip", ema_decay=0.99))
-    with pytest.raises(UserError, match=r"device.mixed_precision=true"):
-        check_strategy_config(_cfg(device="gpu", replicas=1, mixed_precision=True))
+    check_strategy_config(_cfg(nonfinite_policy="skip", ema_decay=0.99, clip_grad_norm=1.0))
+    # Mixed precision is accepted under a strategy; what stops this one is that there is no GPU here.
+    with pytest.raises(UserError, match=r"device=gpu device.strategy=mirrored device.replicas=0 \(every GPU\): no GPU"):
+        check_strategy_config(_cfg(device="gpu", replicas=0, mixed_precision=True, nonfinite_policy="skip"))
+    with pytest.raises(UserError, match=r"cannot be combined with device.xla=true \(not supported yet"):
+        check_strategy_config(_cfg(xla=True))
     with pytest.raises(UserError, match=r"device.strategy='horovod' is not one of none, mirrored, multi_worker"):
         check_strategy_config(_cfg(strategy="horovod"))
     with pytest.raises(UserError, match=r"device.replicas=2 needs device.strategy=mirrored"):

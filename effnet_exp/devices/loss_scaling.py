@@ -58,9 +58,10 @@ class OverflowCounter(object):
     """An int64 variable counting the skipped (overflow) steps; saved in the checkpoints."""
 
     def __init__(self):
+        # Under device.strategy every replica records the same (all-replica) flag: the first replica's counts.
         self.variable = tf.compat.v1.get_variable(
             OVERFLOW_COUNTER, shape=[], dtype=tf.int64, initializer=tf.compat.v1.zeros_initializer(),
-            trainable=False)
+            trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def record(self, finite):
         return tf.compat.v1.assign_add(self.variable, tf.where(finite, tf.constant(0, tf.int64),
@@ -81,9 +82,12 @@ class LossScaling(object):
         update = self.optimizer.apply_gradients(grads_and_vars)
         updates = [update]
         if self._count_own:
+            from effnet_exp.devices.strategy import all_replicas_finite
+
             grads = [g for g, _ in grads_and_vars if g is not None]
             finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
-            updates.append(self.counter.record(finite))
+            # Under device.strategy the loss-scale optimizer skips a step when any replica overflowed.
+            updates.append(self.counter.record(all_replicas_finite(finite)))
         with tf.control_dependencies(updates):
             return tf.group(tf.compat.v1.assign_add(global_step, 1), name="train_step")
 

@@ -142,17 +142,9 @@ def check_strategy_config(cfg, environ=None):
     mode = getattr(cfg.mode, "value", cfg.mode)
     if mode not in TRAINING_MODES:
         return  # evaluation, prediction and export run on one device
-    unsupported = []
-    if cfg.train.nonfinite_policy == "skip":
-        unsupported.append("train.nonfinite_policy=skip")
-    if getattr(device, "mixed_precision", False):
-        unsupported.append("device.mixed_precision=true")
     if device.xla:
-        unsupported.append("device.xla=true")
-    if unsupported:
-        raise UserError("device.strategy={} cannot be combined with {} (not supported yet: unset {} or use "
-                        "device.strategy=none)".format(name, ", ".join(unsupported),
-                                                       "it" if len(unsupported) == 1 else "them"))
+        raise UserError("device.strategy={} cannot be combined with device.xla=true (not supported yet: unset it or "
+                        "use device.strategy=none)".format(name))
     count = replica_count(device, environ)
     batch = cfg.train.batch_size
     if batch % count:
@@ -384,3 +376,45 @@ class Replicated(object):
                 "step %d: the copies of %d variables on this process's %d device(s) %s (largest |difference| %g); "
                 "weights checksum %.10g", step, self._copied, len(self.local_devices),
                 "agree" if spread == 0 else "DIFFER", spread, checksum)
+
+
+
+def all_replicas_finite(finite):
+    """In the replica context: True on every replica when `finite` is True on all replicas of all workers (their
+    "not finite" flags summed by one all-reduce); `finite` itself without a strategy."""
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy():
+        return finite
+
+    def merge(strategy, nonfinite):
+        return strategy.extended.reduce_to(tf.distribute.ReduceOp.SUM, nonfinite, destinations=nonfinite)
+
+    nonfinite = 1.0 - tf.cast(finite, tf.float32)
+    return tf.equal(tf.distribute.get_replica_context().merge_call(merge, args=(nonfinite,)), 0.0)
+
+
+def apply_if_all_finite(optimizer, grads_and_vars, finite, global_step):
+    """train.nonfinite_policy=skip under a strategy, called in the replica context: the replicas' update only when
+    every replica's loss and gradients are finite, else none at all (the step counts either way). The condition
+    cannot sit inside a replica (apply_gradients all-reduces, and a replica that skipped it would leave the others
+    waiting), so it is taken once, in the cross-replica context, around the replicas' apply_gradients."""
+    import tensorflow as tf
+
+    def merge(strategy, all_finite, grads_and_vars):
+        def apply():
+            updates = strategy.extended.call_for_each_replica(
+                optimizer.apply_gradients, args=(grads_and_vars,), kwargs={"global_step": global_step})
+            with tf.control_dependencies(strategy.experimental_local_results(updates)):
+                return tf.constant(True)
+
+        def skip():
+            with tf.control_dependencies([global_step.assign_add(1, read_value=False)]):
+                return tf.constant(False)
+
+        # The same value on every replica: take the first's.
+        return tf.cond(strategy.experimental_local_results(all_finite)[0], apply, skip)
+
+    applied = tf.distribute.get_replica_context().merge_call(merge, args=(all_replicas_finite(finite),
+                                                                          grads_and_vars))
+    return tf.group(applied, name="apply_if_all_finite")

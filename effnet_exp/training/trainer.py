@@ -138,6 +138,10 @@ class Trainer(object):
         grads = [g for g, _ in grads_and_vars if g is not None]
         finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(loss)),
                                 tf.math.is_finite(tf.linalg.global_norm(grads)))
+        if tf.distribute.has_strategy():
+            from effnet_exp.devices.strategy import apply_if_all_finite
+
+            return apply_if_all_finite(optimizer, grads_and_vars, finite, global_step)
 
         def apply():
             return optimizer.apply_gradients(grads_and_vars, global_step=global_step)
