@@ -378,7 +378,6 @@ class Replicated(object):
                 "agree" if spread == 0 else "DIFFER", spread, checksum)
 
 
-
 def all_replicas_finite(finite):
     """In the replica context: True on every replica when `finite` is True on all replicas of all workers (their
     "not finite" flags summed by one all-reduce); `finite` itself without a strategy."""
