@@ -169,6 +169,22 @@ def test_killed_conversion_leaves_only_complete_shards(tmp_path):
     assert _tree(str(out)) == reference
 
 
+def test_temporaries_of_a_killed_conversion_are_cleaned_up_and_nothing_else(source_folder, tmp_path):
+    # What SIGKILL leaves at any moment: a hidden temporary shard, labels.txt or manifest.json (the
+    # killed-process test above reaches some of these moments only by chance).
+    src, _ = source_folder
+    out = tmp_path / "out"
+    assert _convert(src, out, "--workers", "1") == 0
+    reference = _tree(str(out))
+    leftovers = [".train-00001-of-00003.tmp-k1", ".validation-00000-of-00001.tmp-k2",
+                 ".labels.txt.tmp-k3", ".manifest.json.tmp-k4"]
+    for name in leftovers:
+        (out / name).write_bytes(b"half")
+    (out / ".notes.tmp-mine").write_bytes(b"the user's")
+    assert _convert(src, out, "--workers", "1") == 0
+    assert _tree(str(out)) == dict(reference, **{".notes.tmp-mine": b"the user's"})
+
+
 def test_output_reads_through_the_tfrecord_dataset(source_folder, tmp_path):
     src, labels = source_folder
     out = tmp_path / "out"

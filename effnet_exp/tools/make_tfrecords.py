@@ -19,7 +19,8 @@ out and listed in the manifest; the conversion goes on.
 
 The same input gives byte-identical output, whatever --workers. Every shard is written under a hidden
 temporary name and renamed when complete, so an interrupted conversion never leaves a shard that looks
-complete but is not (nor a manifest).
+complete but is not (nor a manifest). The next conversion into the same folder removes the hidden
+temporary files that a killed one left.
 """
 import argparse
 import io
@@ -185,6 +186,14 @@ def _is_shard_name(name):
     return any(name.startswith(split + "-") for split, _ in SPLITS)
 
 
+def _is_stale_temporary(name):
+    """A hidden temporary file that a killed conversion of ours left: a shard, labels.txt or the manifest."""
+    if not (name.startswith(".") and ".tmp-" in name):
+        return False
+    target = name[1:].split(".tmp-")[0]
+    return _is_shard_name(target) or target in (LABELS_FILE, MANIFEST)
+
+
 def _prepare_out(out, plan):
     """Create out; clear what an earlier conversion left there. Refuses to touch foreign shard files."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -209,8 +218,7 @@ def _prepare_out(out, plan):
     if os.path.isfile(manifest_path):
         os.remove(manifest_path)
     for name in os.listdir(out):
-        stale_tmp = name.startswith(".") and ".tmp-" in name and _is_shard_name(name[1:])
-        if stale_tmp or (name in previous and name not in planned):
+        if _is_stale_temporary(name) or (name in previous and name not in planned):
             os.remove(os.path.join(out, name))
 
 
