@@ -10,8 +10,11 @@ They are packed, cycling, into TF-Slim style TFRecord shards in a temporary fold
 
 For the training and the eval preprocessing it compares `build_dataset` (parallel interleave, parallel
 map, bad-record checks, prefetch, tf.data options from the config) with the plain composition of the
-reference input pipeline: interleave -> shuffle -> map -> batch with no other options, the same
-preprocessing functions and the same shuffle buffer. Each measurement runs in its own process (so its
+reference input pipeline: interleave -> shuffle -> map -> batch with no other options and the same
+shuffle buffer. Its map is the reference's preprocessing: the same decoding, crops and bicubic resize
+(JPEG only, so without our per-image format detection) and the reference's normalization arithmetic,
+(x - mean) / std with [3] vectors broadcast over the channels (ours computes the same values on rows
+of width x 3, which Eigen vectorises). Each measurement runs in its own process (so its
 peak RSS is its own), pinned to the given number of cores; images/s is measured over `--batches`
 batches after `--warmup` batches, and the best of `--repeat` alternating measurements is shown. CPU ms per
 image (user + system time of the process over the same batches) is shown too: unlike images/s it hardly
@@ -92,8 +95,20 @@ def write_records(folder, num_records, num_shards):
 # --------------------------------------------------------------------------- one measurement (child)
 
 
+def _reference_normalize(image, mode):
+    """Normalization as the reference writes it: the [3] mean and std broadcast over the channels."""
+    import tensorflow as tf
+
+    from effnet_exp.data import preprocessing
+
+    if preprocessing.check_normalization(mode) != "imagenet":
+        return preprocessing.normalize(image, mode)
+    return (image - tf.constant(preprocessing.IMAGENET_MEAN)) / tf.constant(preprocessing.IMAGENET_STD)
+
+
 def _plain_dataset(cfg, files, batch_size, image_size, is_training):
-    """The reference composition: interleave -> shuffle -> map -> batch, nothing else."""
+    """The reference composition: interleave -> shuffle -> map -> batch, nothing else; the map is the
+    reference's: JPEG only (no format detection), and its normalization arithmetic."""
     import tensorflow as tf
 
     from effnet_exp.data import pipeline, preprocessing
@@ -107,8 +122,9 @@ def _plain_dataset(cfg, files, batch_size, image_size, is_training):
 
     def parse(serialized):
         image_bytes, label = pipeline.parse_record(serialized, cfg)
-        image = preprocessing.preprocess_image(image_bytes, image_size, is_training, cfg=cfg)
-        return preprocessing.normalize(image, cfg.normalization), label
+        image = preprocessing.preprocess_image(image_bytes, image_size, is_training, cfg=cfg,
+                                               image_format="jpeg")
+        return _reference_normalize(image, cfg.normalization), label
 
     return dataset.map(parse).batch(batch_size, drop_remainder=is_training)
 

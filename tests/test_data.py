@@ -151,6 +151,28 @@ def test_parse_record_keys_and_offset(records):
 # --------------------------------------------------------------------------- preprocessing
 
 
+def test_imagenet_normalization_equals_per_channel_arithmetic_for_every_kind_of_shape():
+    # The tiled rows must give exactly (x - mean) / std per channel, whatever is known of the shape.
+    pixels = np.random.RandomState(0).uniform(-20.0, 300.0, (2, 5, 7, 3)).astype(np.float32)
+    expected = (pixels - MEAN) / STD
+    with tf.Graph().as_default():
+        batch = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3])
+        unknown = tf.compat.v1.placeholder(tf.float32, None)
+        outputs = [preprocessing.normalize(tf.constant(pixels), "imagenet"),
+                   preprocessing.normalize(tf.constant(pixels[0]), "imagenet"),
+                   preprocessing.normalize(batch, "imagenet"),
+                   preprocessing.normalize(unknown, "imagenet"),
+                   preprocessing.normalize(tf.constant(pixels[0].astype(np.uint8)), "imagenet")]
+        assert outputs[0].shape.as_list() == [2, 5, 7, 3] and outputs[2].shape.as_list() == [None, None, None, 3]
+        with tf.compat.v1.Session() as sess:
+            whole, one, fed, anything, from_uint8 = sess.run(outputs, {batch: pixels, unknown: pixels})
+    np.testing.assert_array_equal(whole, expected)
+    np.testing.assert_array_equal(one, expected[0])
+    np.testing.assert_array_equal(fed, expected)
+    np.testing.assert_allclose(anything, expected, rtol=1e-6)  # rank unknown: plain broadcasting
+    np.testing.assert_array_equal(from_uint8, (pixels[0].astype(np.uint8).astype(np.float32) - MEAN) / STD)
+
+
 def test_normalize_modes_and_unknown(records):
     pixels = np.array([[[0.0, 127.5, 255.0]]], np.float32)
     imagenet, unit = _run_graph(lambda: (preprocessing.normalize(tf.constant(pixels), "imagenet"),

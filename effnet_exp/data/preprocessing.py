@@ -12,6 +12,7 @@ the crop window is decoded, exactly as in the reference. PNG (any bit depth, pal
 dropped) is decoded once and the window sliced from it. Anything else stops with
 "image data is neither JPEG nor PNG ...". `image_format="jpeg"` or `"png"` skips the detection.
 """
+import numpy as np
 import tensorflow as tf
 
 CROP_PADDING = 32
@@ -271,11 +272,35 @@ def normalize(images, mode):
     "lite" ((x - 127) / 128, what the EfficientNet-Lite weights expect)."""
     key = check_normalization(mode)
     if key == "imagenet":
-        images = tf.cast(images, tf.float32)
-        mean = tf.constant(IMAGENET_MEAN, dtype=tf.float32)
-        std = tf.constant(IMAGENET_STD, dtype=tf.float32)
-        return (images - mean) / std
+        return _per_channel(tf.cast(images, tf.float32), IMAGENET_MEAN, IMAGENET_STD)
     if key == "lite":
         return (tf.cast(images, tf.float32) - 127.0) / 128.0
     # "unit"
     return tf.cast(images, tf.float32) / 255.0
+
+
+def _per_channel(images, mean, std):
+    """(images - mean) / std with per-channel mean and std, images [..., W, 3].
+
+    The same values as broadcasting the [3] vectors, computed on rows of W * 3 values against the
+    vectors tiled W times: Eigen does not vectorise a broadcast whose inner dimension is 3, which
+    made this the most expensive op of the eval preprocessing after decoding (about 0.3 ms of 1.7 ms
+    per 224x224 image)."""
+    channels = len(mean)
+    if images.shape.ndims is None or images.shape.ndims < 2 or images.shape[-1] != channels:
+        return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    width = images.shape[-2]
+    width = width if isinstance(width, int) else getattr(width, "value", None)
+    if width is not None:
+        mean_row = tf.constant(np.tile(np.asarray(mean, np.float32), width))
+        std_row = tf.constant(np.tile(np.asarray(std, np.float32), width))
+        row = width * channels
+    else:
+        width = tf.shape(images)[-2]
+        mean_row = tf.tile(tf.constant(mean, tf.float32), [width])
+        std_row = tf.tile(tf.constant(std, tf.float32), [width])
+        row = width * channels
+    rows = tf.reshape(images, tf.stack([-1, row]) if isinstance(row, tf.Tensor) else [-1, row])
+    out = tf.reshape((rows - mean_row) / std_row, tf.shape(images))
+    out.set_shape(images.shape)
+    return out
