@@ -106,9 +106,10 @@ def _reference_normalize(image, mode):
     return (image - tf.constant(preprocessing.IMAGENET_MEAN)) / tf.constant(preprocessing.IMAGENET_STD)
 
 
-def _plain_dataset(cfg, files, batch_size, image_size, is_training):
-    """The reference composition: interleave -> shuffle -> map -> batch, nothing else; the map is the
-    reference's: JPEG only (no format detection), and its normalization arithmetic."""
+def _plain_dataset(cfg, files, batch_size, image_size, is_training, plain_map="reference"):
+    """The reference composition: interleave -> shuffle -> map -> batch, nothing else. plain_map
+    "reference": the reference's map, JPEG only (no format detection) and its normalization arithmetic;
+    "ours": our preprocessing functions (format detection, our normalization), to compare compositions only."""
     import tensorflow as tf
 
     from effnet_exp.data import pipeline, preprocessing
@@ -122,6 +123,9 @@ def _plain_dataset(cfg, files, batch_size, image_size, is_training):
 
     def parse(serialized):
         image_bytes, label = pipeline.parse_record(serialized, cfg)
+        if plain_map == "ours":
+            image = preprocessing.preprocess_image(image_bytes, image_size, is_training, cfg=cfg)
+            return preprocessing.normalize(image, cfg.normalization), label
         image = preprocessing.preprocess_image(image_bytes, image_size, is_training, cfg=cfg,
                                                image_format="jpeg")
         return _reference_normalize(image, cfg.normalization), label
@@ -152,7 +156,8 @@ def child(spec):
     with tf.Graph().as_default():
         tf.compat.v1.set_random_seed(0)
         if spec["impl"] == "plain":
-            dataset = _plain_dataset(cfg, files, spec["batch"], spec["image_size"], is_training)
+            dataset = _plain_dataset(cfg, files, spec["batch"], spec["image_size"], is_training,
+                                     spec.get("plain_map", "reference"))
         else:
             source = DataSource(spec["data_dir"], files, files, None, None, None)
             dataset = pipeline.build_dataset(cfg, source, None, spec["batch"], spec["image_size"],
@@ -216,6 +221,9 @@ def main(argv=None):
     parser.add_argument("--shuffle-buffer", type=int, default=1024)
     parser.add_argument("--cores", default="", help="comma-separated core counts (default: all cores)")
     parser.add_argument("--splits", default="train,eval", help="which preprocessing to measure")
+    parser.add_argument("--plain-map", choices=("reference", "ours"), default="reference",
+                        help="the plain side's map: the reference's preprocessing (default), or ours "
+                             "(then only the compositions differ)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a dataset config field for our pipeline (repeatable), e.g. cycle_length=4")
     parser.add_argument("--memory", action="store_true",
@@ -239,12 +247,13 @@ def main(argv=None):
             _tf_version(), platform.python_version(), available, os.cpu_count()))
         print("# {} records ({:.1f} MB, {} shards) cycling {} real photographs: {}".format(
             args.records, size_mb, args.shards, len(photos), ", ".join(photos)))
-        print("# image size {}, batch {}, shuffle buffer {}".format(args.image_size, args.batch,
-                                                                   args.shuffle_buffer))
+        print("# image size {}, batch {}, shuffle buffer {}; the plain side runs {} map".format(
+            args.image_size, args.batch, args.shuffle_buffer,
+            "the reference's" if args.plain_map == "reference" else "our"))
         base = {"data_dir": data_dir, "batch": args.batch, "image_size": args.image_size,
                 "records_per_file": args.records // args.shards,
                 "warmup": args.warmup, "batches": args.batches, "shuffle_buffer": args.shuffle_buffer,
-                "cfg": dict(_field(item) for item in args.set)}
+                "cfg": dict(_field(item) for item in args.set), "plain_map": args.plain_map}
         if base["cfg"]:
             print("# our pipeline with {}".format(", ".join("{}={}".format(k, v) for k, v in
                                                             sorted(base["cfg"].items()))))
