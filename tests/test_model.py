@@ -294,6 +294,48 @@ def test_inference_swish_is_sigmoid_times_input_and_training_keeps_tf_nn_swish()
     np.testing.assert_allclose(spelled, plain, rtol=1e-6, atol=1e-6)
 
 
+def _xla_marked(graph):
+    marked = []
+    for op in graph.get_operations():
+        try:
+            if op.get_attr("_XlaCompile"):
+                marked.append(op)
+        except ValueError:
+            pass
+    return marked
+
+
+def test_xla_swish_gradient_equals_tf_swish_gradient_and_compiles_only_that():
+    """xla_swish_grad: the same values and gradients as tf.nn.swish; on TF 2.x only the gradient's element-wise
+    ops are marked for XLA (the convolutions are not), on TF 1.15 nothing is (tf.nn.swish there)."""
+    cfg = make_cfg("b0", num_classes=5, blocks=["r1_k3_s11_e1_i32_o16_se0.25", "r1_k3_s22_e6_i16_o24_se0.25"])
+    x_np = np.random.RandomState(0).normal(0, 1, [2, 32, 32, 3]).astype(np.float32)
+    results = {}
+    for fused in (False, True):
+        with tf.Graph().as_default() as g:
+            tf.compat.v1.set_random_seed(3)
+            images = tf.constant(x_np)
+            logits, _ = build_efficientnet(images, cfg, is_training=True, xla_swish_grad=fused)
+            loss = tf.reduce_sum(tf.square(logits))
+            variables = tf.compat.v1.trainable_variables()
+            grads = tf.gradients(loss, variables + [images])
+            marked = _xla_marked(g)
+            if fused and not layers._TF1:
+                assert marked and all(op.name.startswith("gradients/") for op in marked)
+                assert {op.type for op in marked} <= {"Sigmoid", "Mul", "Sub", "AddV2", "Add", "Const"}, \
+                    sorted({op.type for op in marked})
+            else:
+                assert not marked
+            t = tf.constant(np.linspace(-12, 12, 2001, dtype=np.float32))
+            act = layers.get_activation("swish", True, xla_swish_grad=fused)(t)
+            act_grad = tf.gradients(act, t)[0]
+            with tf.compat.v1.Session() as sess:
+                sess.run(tf.compat.v1.global_variables_initializer())
+                results[fused] = sess.run([logits] + grads + [act, act_grad])
+    for plain, fused in zip(results[False], results[True]):
+        np.testing.assert_allclose(fused, plain, rtol=2e-5, atol=2e-5)
+
+
 def test_forward_train_inference_and_drop_connect():
     # DictConfig path, small classifier; dropout off so only drop-connect is random.
     base = OmegaConf.structured(make_cfg("b0", num_classes=10, dropout_rate=0.0, survival_prob=0.2))

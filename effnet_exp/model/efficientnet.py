@@ -137,7 +137,7 @@ def _mbconv_block(x, args, is_training, bn_training, act, survival_prob, bn_mome
     return x
 
 
-def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False):
+def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False, xla_swish_grad=False):
     """Builds EfficientNet on ``images`` (float32 NHWC, already normalised).
 
     Args:
@@ -146,6 +146,8 @@ def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False):
       is_training: Python bool; selects batch statistics + UPDATE_OPS,
         drop-connect and dropout.
       reuse: passed to the top-level variable scope ``cfg.name``.
+      xla_swish_grad: training graphs on TF 2.x: swish's gradient as one XLA kernel
+        (``layers.swish_xla_grad``; the device config's ``xla_swish_grad``).
 
     Returns:
       (logits, endpoints): logits [B, num_classes] produced by an op named
@@ -158,7 +160,7 @@ def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False):
         is_training = layers._static_bool(is_training)
     # freeze_bn: batch norm uses (and keeps) its moving statistics even while the rest trains.
     bn_training = is_training and not freeze_bn
-    act = layers.get_activation(_get(cfg, "activation", "swish"), is_training)
+    act = layers.get_activation(_get(cfg, "activation", "swish"), is_training, xla_swish_grad=xla_swish_grad)
     stem_filters, head_filters = stem_and_head_filters(cfg)
     bn_momentum = float(_get(cfg, "batch_norm_momentum", 0.99))
     bn_epsilon = float(_get(cfg, "batch_norm_epsilon", 1e-3))

@@ -53,9 +53,10 @@ def session_config(threads):
     return make_session_config(CpuDeviceConfig(intra_op_threads=intra, inter_op_threads=inter))
 
 
-def ours(model_name, batch, image_size, threads):
+def ours(model_name, batch, image_size, threads, xla_swish_grad=True):
     """{"train": step, "eval": step}: one call runs one training step or one forward pass of our graph-mode
-    model on a batch held in variables (no feed, no host copy per step); the sessions stay open."""
+    model on a batch held in variables (no feed, no host copy per step); the sessions stay open.
+    xla_swish_grad: as device.xla_swish_grad (on by default for device=cpu)."""
     import tensorflow as tf
 
     from effnet_exp.model.efficientnet import build_efficientnet
@@ -71,7 +72,7 @@ def ours(model_name, batch, image_size, threads):
         with graph.as_default():
             images = tf.compat.v1.get_variable("bench_images", initializer=images_np, trainable=False)
             labels = tf.compat.v1.get_variable("bench_labels", initializer=labels_np, trainable=False)
-            logits, _ = build_efficientnet(images, cfg, is_training=training)
+            logits, _ = build_efficientnet(images, cfg, is_training=training, xla_swish_grad=xla_swish_grad)
             if training:
                 loss = cross_entropy_loss(logits, labels, 1000)
                 opt = tf.compat.v1.train.MomentumOptimizer(0.01, 0.9, use_nesterov=True)
@@ -174,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--inter-threads", type=int, default=0)
     parser.add_argument("--no-keras", action="store_true")
+    parser.add_argument("--no-xla-swish-grad", action="store_true",
+                        help="our training graph with TensorFlow's own swish gradient (device.xla_swish_grad=false)")
     parser.add_argument("--scaling", action="store_true", help="also time B0-B3 against their FLOPs")
     parser.add_argument("--scaling-batch", type=int, default=4)
     parser.add_argument("--json", help="write the results here")
@@ -183,7 +186,8 @@ def main(argv=None):
     import tensorflow as tf
 
     threads = (args.intra_threads, args.inter_threads)
-    sides = {"ours": ours(args.model, args.batch_size, args.image_size, threads)}
+    xla_swish_grad = not args.no_xla_swish_grad
+    sides = {"ours": ours(args.model, args.batch_size, args.image_size, threads, xla_swish_grad)}
     keras = None if args.no_keras else keras_steps(args.model, args.batch_size, args.image_size, threads)
     if keras:
         sides["keras"] = keras
@@ -194,6 +198,7 @@ def main(argv=None):
     results = {
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
         "steps": args.steps, "rounds": args.rounds, "tf_version": tf.__version__,
+        "xla_swish_grad": xla_swish_grad,
         "python": platform.python_version(),
         "cores": os.cpu_count(), "train_images_per_sec": train, "eval_images_per_sec": evaluate,
         "keras_train_images_per_sec": keras_train, "keras_eval_images_per_sec": keras_eval,
@@ -203,9 +208,9 @@ def main(argv=None):
     }
     results["peak_rss_mb"] = peak_rss_mb()
     print("EfficientNet throughput: {} cores, TensorFlow {}, Python {}; {} at {}x{}, batch {}, median of {} "
-          "rounds of {} steps".format(results["cores"], results["tf_version"], results["python"], args.model,
-                                      args.image_size, args.image_size, args.batch_size, args.rounds,
-                                      args.steps))
+          "rounds of {} steps; xla_swish_grad {}".format(
+              results["cores"], results["tf_version"], results["python"], args.model, args.image_size,
+              args.image_size, args.batch_size, args.rounds, args.steps, "on" if xla_swish_grad else "off"))
 
     def fmt(v, spec="{:.1f}"):
         return "-" if v is None else spec.format(v)
@@ -222,7 +227,7 @@ def main(argv=None):
         for variant in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
             size = model_config(variant, None).resolution
             flops = model_flops(variant, size)
-            scaled = rates_in_rounds({"ours": ours(variant, args.scaling_batch, size, threads)},
+            scaled = rates_in_rounds({"ours": ours(variant, args.scaling_batch, size, threads, xla_swish_grad)},
                                      args.scaling_batch, max(3, args.steps // 2), 1, 1)["ours"]
             tr, ev = scaled["train"], scaled["eval"]
             rows.append({"model": variant, "image_size": size, "gflops": flops / 1e9,

@@ -72,7 +72,8 @@ class Trainer(object):
 
         cfg = self.cfg
         parallel = data_parallel(cfg.device)  # Ascend: RANK_SIZE processes, one device each
-        logits, _ = build_efficientnet(images, cfg.model, is_training=True, freeze_bn=cfg.train.freeze_bn)
+        logits, _ = build_efficientnet(images, cfg.model, is_training=True, freeze_bn=cfg.train.freeze_bn,
+                                       xla_swish_grad=bool(getattr(cfg.device, "xla_swish_grad", False)))
         loss = cross_entropy_loss(logits, labels, cfg.model.num_classes, cfg.train.label_smoothing)
         variables = self.trained_variables()
         if cfg.train.weight_decay:
