@@ -267,12 +267,18 @@ def check_normalization(mode):
     return key
 
 
-def normalize(images, mode):
+def normalize(images, mode, rows=True):
     """Scale float images on the 0-255 scale: "imagenet" (mean/std per channel), "unit" (/255) or
-    "lite" ((x - 127) / 128, what the EfficientNet-Lite weights expect)."""
+    "lite" ((x - 127) / 128, what the EfficientNet-Lite weights expect).
+
+    rows=False: "imagenet" as plain broadcast Sub and RealDiv ops, what graph converters (Ascend's ATC,
+    TFLite) expect in an exported model; the same values, slower on TensorFlow's CPU kernels."""
     key = check_normalization(mode)
     if key == "imagenet":
-        return _per_channel(tf.cast(images, tf.float32), IMAGENET_MEAN, IMAGENET_STD)
+        images = tf.cast(images, tf.float32)
+        if not rows:
+            return (images - tf.constant(IMAGENET_MEAN, tf.float32)) / tf.constant(IMAGENET_STD, tf.float32)
+        return _per_channel(images, IMAGENET_MEAN, IMAGENET_STD)
     if key == "lite":
         return (tf.cast(images, tf.float32) - 127.0) / 128.0
     # "unit"

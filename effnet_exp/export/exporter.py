@@ -116,7 +116,7 @@ def atc_command(soc_version, batch_size, image_size, model_file=FROZEN_PB, dynam
 
 def _float_tower(cfg, image_size, normalization, batch_size, normalize_in_graph, reuse):
     images = tf.compat.v1.placeholder(tf.float32, [batch_size, image_size, image_size, 3], name=INPUT)
-    model_input = normalize(images, normalization) if normalize_in_graph else images
+    model_input = normalize(images, normalization, rows=False) if normalize_in_graph else images
     logits, _ = build_efficientnet(model_input, cfg, is_training=False, reuse=reuse)
     return images, logits, tf.nn.softmax(logits, name=PROBABILITIES)
 
