@@ -210,7 +210,8 @@ def main(argv=None):
     print("EfficientNet throughput: {} cores, TensorFlow {}, Python {}; {} at {}x{}, batch {}, median of {} "
           "rounds of {} steps; xla_swish_grad {}".format(
               results["cores"], results["tf_version"], results["python"], args.model, args.image_size,
-              args.image_size, args.batch_size, args.rounds, args.steps, "on" if xla_swish_grad else "off"))
+              args.image_size, args.batch_size, args.rounds, args.steps,
+              ("on" if xla_swish_grad else "off") if not tf.__version__.startswith("1.") else "n/a on TF 1.x"))
 
     def fmt(v, spec="{:.1f}"):
         return "-" if v is None else spec.format(v)
