@@ -296,17 +296,17 @@ def _per_channel(images, mean, std):
     if images.shape.ndims is None or images.shape.ndims < 2 or images.shape[-1] != channels:
         return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
     width = images.shape[-2]
-    width = width if isinstance(width, int) else getattr(width, "value", None)
+    width = width if isinstance(width, int) else getattr(width, "value", None)  # TF 1.15: a Dimension
     if width is not None:
         mean_row = tf.constant(np.tile(np.asarray(mean, np.float32), width))
         std_row = tf.constant(np.tile(np.asarray(std, np.float32), width))
-        row = width * channels
+        row_shape = [-1, width * channels]
     else:
         width = tf.shape(images)[-2]
         mean_row = tf.tile(tf.constant(mean, tf.float32), [width])
         std_row = tf.tile(tf.constant(std, tf.float32), [width])
-        row = width * channels
-    rows = tf.reshape(images, tf.stack([-1, row]) if isinstance(row, tf.Tensor) else [-1, row])
+        row_shape = tf.stack([-1, width * channels])
+    rows = tf.reshape(images, row_shape)
     out = tf.reshape((rows - mean_row) / std_row, tf.shape(images))
     out.set_shape(images.shape)
     return out

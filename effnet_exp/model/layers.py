@@ -227,7 +227,7 @@ def swish_xla_grad(x):
     """tf.nn.swish whose gradient is compiled by XLA into one element-wise kernel.
 
     TensorFlow's own swish gradient is six element-wise passes over the activation (sigmoid, subtract,
-    add and three multiplies): on CPU they were 16% of B0's training step. Only those ops are compiled
+    add and three multiplies): on CPU they were 16% of the op time of B0's training step. Only those ops are compiled
     (a jit_scope inside the gradient), not the convolutions around them. TF 1.15 gets tf.nn.swish: its XLA
     compiles these kernels for minutes and runs them slower than the separate ops."""
     if _TF1:
