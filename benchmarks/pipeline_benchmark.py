@@ -95,17 +95,6 @@ def write_records(folder, num_records, num_shards):
 # --------------------------------------------------------------------------- one measurement (child)
 
 
-def _reference_normalize(image, mode):
-    """Normalization as the reference writes it: the [3] mean and std broadcast over the channels."""
-    import tensorflow as tf
-
-    from effnet_exp.data import preprocessing
-
-    if preprocessing.check_normalization(mode) != "imagenet":
-        return preprocessing.normalize(image, mode)
-    return (image - tf.constant(preprocessing.IMAGENET_MEAN)) / tf.constant(preprocessing.IMAGENET_STD)
-
-
 def _plain_dataset(cfg, files, batch_size, image_size, is_training, plain_map="reference"):
     """The reference composition: interleave -> shuffle -> map -> batch, nothing else. plain_map
     "reference": the reference's map, JPEG only (no format detection) and its normalization arithmetic;
@@ -128,7 +117,7 @@ def _plain_dataset(cfg, files, batch_size, image_size, is_training, plain_map="r
             return preprocessing.normalize(image, cfg.normalization), label
         image = preprocessing.preprocess_image(image_bytes, image_size, is_training, cfg=cfg,
                                                image_format="jpeg")
-        return _reference_normalize(image, cfg.normalization), label
+        return preprocessing.normalize(image, cfg.normalization, rows=False), label
 
     return dataset.map(parse).batch(batch_size, drop_remainder=is_training)
 
