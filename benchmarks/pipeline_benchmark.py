@@ -73,9 +73,11 @@ def _photos():
 
 def write_records(folder, num_records, num_shards):
     """num_records records cycling through the photos, in num_shards train-* shards of folder."""
-    from effnet_exp.data import pipeline
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from effnet_exp.data import records
 
     photos = _photos()
     os.makedirs(folder)
@@ -85,9 +87,9 @@ def write_records(folder, num_records, num_shards):
         for i in indices:
             name, data = photos[i % len(photos)]
             width, height = Image.open(io.BytesIO(data)).size
-            examples.append(pipeline.make_example(data, i % 10, height=height, width=width,
-                                                  text=str(i % 10), filename=name))
-        pipeline.write_tfrecord(os.path.join(folder, "train-{:05d}-of-{:05d}".format(shard, num_shards)),
+            examples.append(records.make_example(data, i % 10, height=height, width=width,
+                                                 text=str(i % 10), filename=name))
+        records.write_tfrecord(os.path.join(folder, "train-{:05d}-of-{:05d}".format(shard, num_shards)),
                                 examples)
     return [name for name, _ in photos]
 
@@ -126,6 +128,7 @@ def child(spec):
     if spec.get("cores"):
         os.sched_setaffinity(0, list(sorted(os.sched_getaffinity(0)))[:spec["cores"]])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow (and what imports it) only now: after the CPU affinity and the log level are set.
     import tensorflow as tf
 
     from effnet_exp.data import pipeline
@@ -149,8 +152,9 @@ def child(spec):
                                      spec.get("plain_map", "reference"))
         else:
             source = DataSource(spec["data_dir"], files, files, None, None, None)
-            dataset = pipeline.build_dataset(cfg, source, None, spec["batch"], spec["image_size"],
-                                             is_training, seed=0)
+            dataset = pipeline.build_dataset(source, cfg, is_training=is_training, batch_size=spec["batch"],
+                                             image_size=spec["image_size"], normalization=cfg.normalization,
+                                             seed=0)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         images, labels = iterator.get_next()
         # Touch the batch so it is materialised, but fetch almost nothing back.

@@ -8,8 +8,10 @@ import tensorflow as tf
 
 from conftest import TINY, run_py
 from effnet_exp.data import pipeline
-from effnet_exp.data.config import DatasetConfig
-from effnet_exp.data.source import resolve_data_source
+from effnet_exp.data.config import DatasetConfig, Normalization
+from effnet_exp.data.diagnostics import data_errors, skipped_records
+from effnet_exp.data.records import make_example, serialize_example, write_tfrecord
+from effnet_exp.data.source import DataSource, resolve_data_source
 from effnet_exp.errors import UserError
 from test_image_folder import COLOURS, image_bytes, image_pixels, make_class_folder
 
@@ -32,7 +34,7 @@ def _good(i):
 
 def _serialized(i, label=None, image=None, **kwargs):
     data = _good(i) if image is None else image
-    return pipeline.serialize_example(pipeline.make_example(
+    return serialize_example(make_example(
         data, i % 3 if label is None else label, filename="img{}".format(i), **kwargs))
 
 
@@ -55,7 +57,7 @@ def bad_files(tmp_path_factory):
 
     def write(name, payloads):
         path = str(root / "validation-{}".format(name))
-        pipeline.write_tfrecord(path, payloads)
+        write_tfrecord(path, payloads)
         files[name] = path
         return path
 
@@ -72,7 +74,7 @@ def bad_files(tmp_path_factory):
         handle.write(bytes(data))
     no_image = tf.train.Example(features=tf.train.Features(feature={
         "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}))
-    write("no_image", [_serialized(30), _serialized(31), pipeline.serialize_example(no_image),
+    write("no_image", [_serialized(30), _serialized(31), serialize_example(no_image),
                        _serialized(33)])
     write("bad_jpeg", [_serialized(40), _serialized(41, image=b"\xff\xd8\xff\xe0" + b"\x13" * 200),
                        _serialized(42)])
@@ -83,31 +85,34 @@ def bad_files(tmp_path_factory):
 
 def _cfg(**overrides):
     base = dict(num_classes=3, shuffle_buffer=8, cycle_length=2, num_parallel_calls=2, prefetch=1,
-                normalization="unit")
+                normalization=Normalization.unit)
     base.update(overrides)
     return DatasetConfig(**base)
 
 
+def _build(source, cfg, batch_size, is_training, seed=None):
+    return pipeline.build_dataset(source, cfg, is_training=is_training, batch_size=batch_size, image_size=32,
+                                  normalization=cfg.normalization, seed=seed)
+
+
 def _eval(cfg, files, batch_size=4):
     """(labels seen, skipped count) of one eval pass through build_dataset, inside data_errors."""
-    from effnet_exp.data.source import DataSource
-
     source = DataSource(os.path.dirname(files[0]), [], list(files), None, None, None)
     graph = tf.Graph()
     with graph.as_default():
-        dataset = pipeline.build_dataset(cfg, source, None, batch_size, 32, is_training=False)
+        dataset = _build(source, cfg, batch_size, is_training=False)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         batch = iterator.get_next()
         labels = []
         with tf.compat.v1.Session() as sess:
             sess.run(iterator.initializer)
-            with pipeline.data_errors(cfg):
+            with data_errors(cfg):
                 while True:
                     try:
                         labels.extend(sess.run(batch)[1].tolist())
                     except tf.errors.OutOfRangeError:
                         break
-    return labels, pipeline.skipped_records(graph)
+    return labels, skipped_records(graph)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_KINDS))
@@ -125,7 +130,7 @@ def test_bad_record_stops_with_the_file_and_record(bad_files, kind):
 def test_skip_bad_records_counts_them(bad_files, caplog):
     _, files = bad_files
     ordered = [files[name] for name in sorted(files)]
-    caplog.set_level(logging.WARNING, logger="effnet_exp.data.pipeline")
+    caplog.set_level(logging.WARNING, logger="effnet_exp.data.diagnostics")
     labels, skipped = _eval(_cfg(skip_bad_records=True), ordered)
     # One per bad kind; a CRC error or a truncation also ends the reading of its file.
     assert skipped == len(BAD_KINDS)
@@ -139,7 +144,7 @@ def test_skip_bad_records_counts_them(bad_files, caplog):
 def test_a_long_run_of_bad_records_is_counted_exactly(tmp_path):
     path = str(tmp_path / "validation-run")
     broken = b"\xff\xd8\xff\xe0" + b"\x13" * 100
-    pipeline.write_tfrecord(path, [_serialized(i, image=broken) for i in range(6)] + [_serialized(6)])
+    write_tfrecord(path, [_serialized(i, image=broken) for i in range(6)] + [_serialized(6)])
     labels, skipped = _eval(_cfg(skip_bad_records=True, cycle_length=1), [path])
     assert skipped == 6 and labels == [0]
     with pytest.raises(UserError) as info:
@@ -147,7 +152,7 @@ def test_a_long_run_of_bad_records_is_counted_exactly(tmp_path):
     assert any("record {} of {}: its JPEG".format(i, path) in str(info.value) for i in range(6))
     # ... and at the very end of the evaluation set.
     last = str(tmp_path / "validation-last")
-    pipeline.write_tfrecord(last, [_serialized(0), _serialized(1, image=broken)])
+    write_tfrecord(last, [_serialized(0), _serialized(1, image=broken)])
     assert _eval(_cfg(skip_bad_records=True), [last]) == ([0], 1)
     with pytest.raises(UserError, match="record 1 of {}: its JPEG".format(last)):
         _eval(_cfg(), [last])
@@ -155,7 +160,7 @@ def test_a_long_run_of_bad_records_is_counted_exactly(tmp_path):
     # keys, decoded like the others) still follows the bad last record, and is never counted or checked.
     keys = dict(image_key="image", label_key="label", label_offset=1)
     other = str(tmp_path / "validation-keys")
-    pipeline.write_tfrecord(other, [pipeline.make_example(image, i + 1, image_key="image", label_key="label")
+    write_tfrecord(other, [make_example(image, i + 1, image_key="image", label_key="label")
                                     for i, image in enumerate([_good(0), _good(1), broken])])
     assert _eval(_cfg(skip_bad_records=True, **keys), [other]) == ([0, 1], 1)
     with pytest.raises(UserError, match="record 2 of {}: its JPEG".format(other)):
@@ -164,26 +169,23 @@ def test_a_long_run_of_bad_records_is_counted_exactly(tmp_path):
 
 def test_skip_bad_records_while_training(bad_files):
     _, files = bad_files
-    from effnet_exp.data.source import DataSource
-
     source = DataSource(os.path.dirname(files["good"]), [files["good"], files["bad_jpeg"], files["gif"]],
                         [], None, None, None)
     graph = tf.Graph()
     with graph.as_default():
-        dataset = pipeline.build_dataset(_cfg(skip_bad_records=True), source, None, 4, 32,
-                                         is_training=True, seed=1)
+        dataset = _build(source, _cfg(skip_bad_records=True), 4, is_training=True, seed=1)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         images, labels = iterator.get_next()
         with tf.compat.v1.Session() as sess:
             sess.run(iterator.initializer)
             for _ in range(8):  # 3 epochs of 8 good records
                 assert sess.run(labels).shape == (4,)
-    assert pipeline.skipped_records(graph) >= 4  # 2 bad records per epoch
+    assert skipped_records(graph) >= 4  # 2 bad records per epoch
 
 
 def test_label_out_of_range_always_stops(bad_files, tmp_path):
     path = str(tmp_path / "validation-labels")
-    pipeline.write_tfrecord(path, [_serialized(0), _serialized(1, label=7)])
+    write_tfrecord(path, [_serialized(0), _serialized(1, label=7)])
     for skip in (False, True):
         with pytest.raises(UserError) as info:
             _eval(_cfg(skip_bad_records=skip, label_offset=1), [path])
@@ -243,19 +245,19 @@ def test_bad_image_in_a_folder(tmp_path):
 def _eval_folder(cfg, source):
     graph = tf.Graph()
     with graph.as_default():
-        dataset = pipeline.build_dataset(cfg, source, None, 4, 32, is_training=False)
+        dataset = _build(source, cfg, 4, is_training=False)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         batch = iterator.get_next()
         labels = []
         with tf.compat.v1.Session() as sess:
             sess.run(iterator.initializer)
-            with pipeline.data_errors(cfg):
+            with data_errors(cfg):
                 while True:
                     try:
                         labels.extend(sess.run(batch)[1].tolist())
                     except tf.errors.OutOfRangeError:
                         break
-    return labels, pipeline.skipped_records(graph)
+    return labels, skipped_records(graph)
 
 
 @pytest.mark.skipif(not _wired(), reason="the trainer does not use data_errors yet")

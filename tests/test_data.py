@@ -1,6 +1,7 @@
 """Tests for effnet_exp.data: TFRecord parsing, preprocessing, tf.data pipeline, bundled digits."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,11 @@ import pytest
 import tensorflow as tf
 
 from effnet_exp.data import bundled, pipeline, preprocessing
-from effnet_exp.data.config import DatasetConfig
+from effnet_exp.data.config import Builtin, DatasetConfig, Normalization, check_dataset
+from effnet_exp.data.records import count_records, list_files, make_example, write_tfrecord
+from effnet_exp.data.source import DataSource, resolve_data_source
+from effnet_exp.errors import UserError
+from factory import section
 
 # (height, width) of the synthetic JPEGs: square, landscape, portrait, odd sizes.
 SIZES = [(40, 40), (48, 64), (64, 36), (35, 50), (100, 80), (32, 32), (57, 41)]
@@ -68,6 +73,15 @@ def _cfg(**overrides):
     return DatasetConfig(**base)
 
 
+def _build(cfg, folder, pattern, batch_size, image_size, is_training, **kwargs):
+    """build_dataset over the files of folder matching pattern (as train or eval files)."""
+    files = list_files(folder, pattern)
+    source = DataSource(folder, files, files, None, None, None)
+    kwargs.setdefault("normalization", cfg.normalization)
+    return pipeline.build_dataset(source, cfg, is_training=is_training, batch_size=batch_size,
+                                  image_size=image_size, **kwargs)
+
+
 def _reference_eval(image_bytes, size, crop_padding=32):
     """The reference EfficientNet eval preprocessing, composed directly from TF ops."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
@@ -90,19 +104,19 @@ def records(tmp_path_factory):
     labels = list(range(1, len(jpegs) + 1))
 
     def examples(indices, **keys):
-        return [pipeline.make_example(jpegs[i], labels[i], height=SIZES[i][0], width=SIZES[i][1],
-                                      text="class{}".format(labels[i]),
-                                      filename="img{}.jpg".format(i), **keys) for i in indices]
+        return [make_example(jpegs[i], labels[i], height=SIZES[i][0], width=SIZES[i][1],
+                             text="class{}".format(labels[i]), filename="img{}.jpg".format(i), **keys)
+                for i in indices]
 
     slim = root / "slim"
     slim.mkdir()
-    pipeline.write_tfrecord(str(slim / "train-00000-of-00002"), examples([0, 1, 2, 3]))
-    pipeline.write_tfrecord(str(slim / "train-00001-of-00002"), examples([4, 5, 6]))
-    pipeline.write_tfrecord(str(slim / "validation-00000-of-00002"), examples([0, 1, 2, 3]))
-    pipeline.write_tfrecord(str(slim / "validation-00001-of-00002"), examples([4, 5, 6]))
+    write_tfrecord(str(slim / "train-00000-of-00002"), examples([0, 1, 2, 3]))
+    write_tfrecord(str(slim / "train-00001-of-00002"), examples([4, 5, 6]))
+    write_tfrecord(str(slim / "validation-00000-of-00002"), examples([0, 1, 2, 3]))
+    write_tfrecord(str(slim / "validation-00001-of-00002"), examples([4, 5, 6]))
     ascend = root / "ascend"
     ascend.mkdir()
-    pipeline.write_tfrecord(str(ascend / "data.tfrecord"),
+    write_tfrecord(str(ascend / "data.tfrecord"),
                             examples(range(len(jpegs)), image_key="image", label_key="label"))
     return {"slim": str(slim), "ascend": str(ascend), "jpegs": jpegs, "labels": labels}
 
@@ -116,23 +130,42 @@ def test_config_import_does_not_import_tensorflow():
     assert subprocess.call([sys.executable, "-c", code], cwd=root) == 0
 
 
+def test_check_dataset_names_the_key_and_value():
+    check_dataset(DatasetConfig())
+    digits = section("dataset", "dataset=digits")
+    assert digits.builtin == Builtin.digits and digits.normalization == Normalization.imagenet
+    check_dataset(digits)
+    check_dataset(section("dataset", "dataset=imagenet", "dataset.data_dir=/data"))
+    for key, value in (("val_fraction", 1.0), ("val_fraction", -0.1), ("num_classes", -1), ("shuffle_buffer", -1),
+                       ("cycle_length", 0), ("read_buffer_mb", 0.0), ("num_parallel_calls", 0), ("prefetch", -2),
+                       ("area_range", [0.5, 0.2]), ("area_range", [0.5, 1.5]), ("aspect_ratio_range", [0.0, 1.0]),
+                       ("min_object_covered", 1.5), ("max_attempts", 0), ("crop_padding", -1),
+                       ("private_threadpool_size", -1), ("max_intra_op_parallelism", -1), ("precheck_max_mb", -1),
+                       ("image_size", 0)):
+        with pytest.raises(UserError, match=r"^dataset\.{}={} must be ".format(key, re.escape(str(value)))):
+            check_dataset(DatasetConfig(**{key: value}))
+
+
 def test_list_files_and_count_records(records):
-    files = pipeline.list_files(records["slim"], "validation-*")
+    files = list_files(records["slim"], "validation-*")
     assert [os.path.basename(f) for f in files] == ["validation-00000-of-00002",
                                                     "validation-00001-of-00002"]
-    assert pipeline.count_records(files) == 7
-    assert pipeline.count_records(files[0]) == 4
-    assert pipeline.count_records(files) == sum(
+    assert count_records(files) == 7
+    assert count_records(files[0]) == 4
+    assert count_records(files) == sum(
         1 for f in files for _ in tf.compat.v1.io.tf_record_iterator(f))
 
 
 def test_missing_files_error_names_folder(records, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        pipeline.list_files(records["slim"], "nothing-*")
+        list_files(records["slim"], "nothing-*")
     assert records["slim"] in str(info.value) and "nothing-*" in str(info.value)
     missing = str(tmp_path / "no_such_dir")
     with pytest.raises(FileNotFoundError) as info:
-        pipeline.build_dataset(_cfg(), missing, "train-*", 2, 24, is_training=True)
+        list_files(missing, "train-*")
+    assert missing in str(info.value)
+    with pytest.raises(UserError) as info:
+        resolve_data_source(_cfg(data_dir=missing))
     assert missing in str(info.value)
 
 
@@ -158,11 +191,11 @@ def test_imagenet_normalization_equals_per_channel_arithmetic_for_every_kind_of_
     with tf.Graph().as_default():
         batch = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3])
         unknown = tf.compat.v1.placeholder(tf.float32, None)
-        outputs = [preprocessing.normalize(tf.constant(pixels), "imagenet"),
-                   preprocessing.normalize(tf.constant(pixels[0]), "imagenet"),
-                   preprocessing.normalize(batch, "imagenet"),
-                   preprocessing.normalize(unknown, "imagenet"),
-                   preprocessing.normalize(tf.constant(pixels[0].astype(np.uint8)), "imagenet")]
+        outputs = [preprocessing.normalize(tf.constant(pixels), Normalization.imagenet),
+                   preprocessing.normalize(tf.constant(pixels[0]), Normalization.imagenet),
+                   preprocessing.normalize(batch, Normalization.imagenet),
+                   preprocessing.normalize(unknown, Normalization.imagenet),
+                   preprocessing.normalize(tf.constant(pixels[0].astype(np.uint8)), Normalization.imagenet)]
         assert outputs[0].shape.as_list() == [2, 5, 7, 3] and outputs[2].shape.as_list() == [None, None, None, 3]
         with tf.compat.v1.Session() as sess:
             whole, one, fed, anything, from_uint8 = sess.run(outputs, {batch: pixels, unknown: pixels})
@@ -175,16 +208,24 @@ def test_imagenet_normalization_equals_per_channel_arithmetic_for_every_kind_of_
 
 def test_normalize_modes_and_unknown(records):
     pixels = np.array([[[0.0, 127.5, 255.0]]], np.float32)
-    imagenet, unit = _run_graph(lambda: (preprocessing.normalize(tf.constant(pixels), "imagenet"),
-                                         preprocessing.normalize(tf.constant(pixels), "unit")))
+    imagenet, unit, lite, plain = _run_graph(lambda: [
+        preprocessing.normalize(tf.constant(pixels), mode) for mode in (
+            Normalization.imagenet, Normalization.unit, Normalization.lite)] + [
+        preprocessing.normalize(tf.constant(pixels), Normalization.imagenet, rows=False)])
     np.testing.assert_allclose(imagenet, (pixels - MEAN) / STD, rtol=1e-6)
     np.testing.assert_allclose(unit, pixels / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(lite, (pixels - 127.0) / 128.0, rtol=1e-6)
+    np.testing.assert_array_equal(plain, (pixels - MEAN) / STD)
+    # The constants the exporter writes describe what normalize computes.
+    for mode, out in ((Normalization.imagenet, imagenet), (Normalization.unit, unit), (Normalization.lite, lite)):
+        mean, std = preprocessing.normalization_constants(mode)
+        np.testing.assert_allclose(out, (pixels - np.float32(mean)) / np.float32(std), rtol=1e-6)
+    assert preprocessing.normalization_constants("unit") == preprocessing.normalization_constants(Normalization.unit)
     with tf.Graph().as_default():
         with pytest.raises(ValueError, match="bogus"):
             preprocessing.normalize(tf.constant(pixels), "bogus")
         with pytest.raises(ValueError, match="bogus"):
-            pipeline.build_dataset(_cfg(normalization="bogus"), records["slim"], "train-*", 2, 24,
-                                   is_training=False)
+            _build(_cfg(), records["slim"], "train-*", 2, 24, is_training=False, normalization="bogus")
 
 
 def test_eval_preprocessing_is_reference_bit_for_bit(records):
@@ -246,14 +287,14 @@ def test_train_falls_back_to_centre_crop_when_sampling_fails(records):
 
 
 def test_eval_dataset_shapes_values_and_exact_once(records):
-    batches = _collect(lambda: pipeline.build_dataset(
+    batches = _collect(lambda: _build(
         _cfg(label_offset=1), records["slim"], "validation-*", 3, EVAL_SIZE, is_training=False))
     assert [b[1].shape[0] for b in batches] == [3, 3, 1]
     labels = np.concatenate([b[1] for b in batches])
     assert labels.dtype == np.int32
     # Every record once, offset applied; shards are read in parallel (a fixed round-robin order).
     assert sorted(labels.tolist()) == [l - 1 for l in records["labels"]]
-    again = _collect(lambda: pipeline.build_dataset(
+    again = _collect(lambda: _build(
         _cfg(label_offset=1), records["slim"], "validation-*", 3, EVAL_SIZE, is_training=False))
     assert np.concatenate([b[1] for b in again]).tolist() == labels.tolist()
     images = np.concatenate([b[0] for b in batches])[np.argsort(labels)]
@@ -265,7 +306,7 @@ def test_eval_dataset_shapes_values_and_exact_once(records):
     # Bit for bit before normalisation: the eval map over the same records, ours vs the reference
     # composition (the normalisation itself may differ by an ulp between graph contexts).
     def both():
-        ds = tf.data.TFRecordDataset(pipeline.list_files(records["slim"], "validation-*"))
+        ds = tf.data.TFRecordDataset(list_files(records["slim"], "validation-*"))
         ds = ds.map(lambda s: pipeline.parse_record(s, _cfg())[0])
         return ds.map(lambda b: (preprocessing.preprocess_image(b, EVAL_SIZE, False, _cfg()),
                                  _reference_eval(b, EVAL_SIZE))).batch(7)
@@ -276,16 +317,16 @@ def test_eval_dataset_shapes_values_and_exact_once(records):
 
 
 def test_eval_unit_scale_range(records):
-    batches = _collect(lambda: pipeline.build_dataset(
-        _cfg(normalization="unit"), records["slim"], "validation-*", 4, 32, is_training=False))
+    batches = _collect(lambda: _build(
+        _cfg(normalization=Normalization.unit), records["slim"], "validation-*", 4, 32, is_training=False))
     images = np.concatenate([b[0] for b in batches]) * 255.0
     assert images.shape == (7, 32, 32, 3)
     assert np.all(np.isfinite(images)) and images.min() > -50 and images.max() < 300
 
 
 def test_train_dataset_shapes_and_ranges(records):
-    batches = _collect(lambda: pipeline.build_dataset(
-        _cfg(normalization="unit"), records["slim"], "train-*", 4, 32, is_training=True, seed=1),
+    batches = _collect(lambda: _build(
+        _cfg(normalization=Normalization.unit), records["slim"], "train-*", 4, 32, is_training=True, seed=1),
         max_batches=6)
     assert len(batches) == 6  # repeats forever
     for images, labels in batches:
@@ -297,10 +338,10 @@ def test_train_dataset_shapes_and_ranges(records):
     assert set(labels.tolist()) == set(records["labels"])  # every record visited, no offset
 
     with tf.Graph().as_default():
-        ds = pipeline.build_dataset(_cfg(), records["slim"], "train-*", 4, 32, True)
+        ds = _build(_cfg(), records["slim"], "train-*", 4, 32, True)
         images_spec, labels_spec = tf.compat.v1.data.get_output_shapes(ds)
         assert images_spec.as_list() == [4, 32, 32, 3] and labels_spec.as_list() == [4]
-    normalised = _collect(lambda: pipeline.build_dataset(
+    normalised = _collect(lambda: _build(
         _cfg(), records["slim"], "train-*", 4, 32, is_training=True, seed=1), max_batches=4)
     images = np.concatenate([b[0] for b in normalised])
     assert np.all(np.isfinite(images)) and -3.5 < images.min() and images.max() < 4.0
@@ -311,7 +352,7 @@ def test_train_is_deterministic_given_seed(records):
     # A parallel map: each image's crop and flip come from its own stateless seed, not from the
     # order in which the map's threads happen to draw.
     def run(seed):
-        return _collect(lambda: pipeline.build_dataset(
+        return _collect(lambda: _build(
             _cfg(num_parallel_calls=4), records["slim"], "train-*", 4, 24, is_training=True,
             seed=seed), max_batches=5)
 
@@ -326,7 +367,7 @@ def test_train_stream_resumes_at_its_position(records):
     """A resumed run's stream (start_position = records delivered before) continues exactly where the
     uninterrupted stream was, across epoch boundaries; each epoch is a new permutation of all records."""
     def stream(start, count):
-        return _collect(lambda: pipeline.build_dataset(
+        return _collect(lambda: _build(
             _cfg(), records["slim"], "train-*", 1, 16, is_training=True, seed=5,
             start_position=start), max_batches=count)
 
@@ -349,7 +390,7 @@ def test_sharding_covers_every_record_once(records, pattern):
     # Two files -> file-level shards; one file -> record-level shards.
     seen = []
     for index in range(2):
-        batches = _collect(lambda: pipeline.build_dataset(
+        batches = _collect(lambda: _build(
             _cfg(), records["slim"], pattern, 2, 24, is_training=False, num_shards=2,
             shard_index=index))
         seen.append(np.concatenate([b[1] for b in batches]).tolist())
@@ -379,12 +420,12 @@ def test_prepare_digits(tmp_path):
             assert os.path.isfile(os.path.join(folder, name))
     with open(os.path.join(folder, "labels.txt")) as handle:
         assert handle.read().split() == info["class_names"]
-    train_files = pipeline.list_files(folder, "train-*")
-    eval_files = pipeline.list_files(folder, "validation-*")
+    train_files = list_files(folder, "train-*")
+    eval_files = list_files(folder, "validation-*")
     assert [os.path.basename(f) for f in train_files] == ["train-00000-of-00002",
                                                           "train-00001-of-00002"]
-    assert pipeline.count_records(train_files) == info["num_train"]
-    assert pipeline.count_records(eval_files) == info["num_eval"]
+    assert count_records(train_files) == info["num_train"]
+    assert count_records(eval_files) == info["num_eval"]
     assert [p for p in os.listdir(str(tmp_path / "cache")) if p != "digits-v1"] == []
 
     stamps = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
@@ -402,7 +443,7 @@ def test_prepare_digits(tmp_path):
     (images, labels), = _collect(decode_some)
     assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
     assert labels.min() >= 0 and labels.max() <= 9
-    batches = _collect(lambda: pipeline.build_dataset(
+    batches = _collect(lambda: _build(
         _cfg(), folder, "validation-*", 64, 32, is_training=False))
     labels = np.concatenate([b[1] for b in batches])
     assert len(labels) == info["num_eval"]
@@ -494,14 +535,13 @@ def test_unsupported_format_is_a_clear_error():
 
 
 def test_build_from_data_source_options_and_cache(records):
-    from effnet_exp.data.source import DataSource
-
-    files = pipeline.list_files(records["slim"], "validation-*")
+    files = list_files(records["slim"], "validation-*")
     source = DataSource(records["slim"], [], files, None, 7, None)
     cfg = _cfg(label_offset=1, private_threadpool_size=2, max_intra_op_parallelism=1, autotune=False,
                cache_eval=True)
     with tf.Graph().as_default():
-        dataset = pipeline.build_dataset(cfg, source, "ignored-*", 4, EVAL_SIZE, is_training=False)
+        dataset = pipeline.build_dataset(source, cfg, is_training=False, batch_size=4, image_size=EVAL_SIZE,
+                                         normalization=Normalization.imagenet)
         images_spec, _ = tf.compat.v1.data.get_output_shapes(dataset)
         assert images_spec.as_list() == [None, EVAL_SIZE, EVAL_SIZE, 3]
         # cache_eval: a second pass over the same iterator gives the same batches.
@@ -520,13 +560,11 @@ def test_build_from_data_source_options_and_cache(records):
         assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
     assert sorted(np.concatenate([b[1] for b in seen[:2]]).tolist()) == list(range(7))
     with pytest.raises(ValueError, match="no training files"):
-        pipeline.build_dataset(cfg, source, None, 4, EVAL_SIZE, is_training=True)
+        pipeline.build_dataset(source, cfg, is_training=True, batch_size=4, image_size=EVAL_SIZE,
+                               normalization=Normalization.imagenet)
 
 
 def test_tfrecord_source_reads_manifest_and_labels(records, tmp_path):
-    from effnet_exp.data.source import resolve_data_source
-    from effnet_exp.errors import UserError
-
     folder = tmp_path / "withmanifest"
     folder.mkdir()
     for name in os.listdir(records["slim"]):

@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import TINY, run_py
 from effnet_exp.data import folder as image_folder
 from effnet_exp.data import pipeline
-from effnet_exp.data.config import DatasetConfig
+from effnet_exp.data.config import DatasetConfig, Normalization
 from effnet_exp.data.source import resolve_data_source
 from effnet_exp.errors import UserError
 
@@ -180,12 +180,13 @@ def test_resolve_image_folder_source(tmp_path):
 
 def test_folder_pipeline_reads_jpeg_png_grey_cmyk_with_the_right_labels(tmp_path):
     make_class_folder(tmp_path, {"a": 5, "b": 5, "c": 5})
-    cfg = DatasetConfig(root=str(tmp_path), num_classes=0, normalization="unit", val_fraction=0.4,
+    cfg = DatasetConfig(root=str(tmp_path), num_classes=0, normalization=Normalization.unit, val_fraction=0.4,
                         shuffle_buffer=8, cycle_length=2, num_parallel_calls=2)
     source = resolve_data_source(cfg)
     assert source.num_eval == 6
     with tf.Graph().as_default():
-        batches = _collect(pipeline.build_dataset(cfg, source, None, 4, 32, is_training=False))
+        batches = _collect(pipeline.build_dataset(source, cfg, is_training=False, batch_size=4, image_size=32,
+                                                  normalization=cfg.normalization))
     labels = np.concatenate([b[1] for b in batches])
     images = np.concatenate([b[0] for b in batches])
     assert labels.tolist() == [l for _, l in source.eval_items]  # every image once, in list order
@@ -197,9 +198,10 @@ def test_folder_pipeline_reads_jpeg_png_grey_cmyk_with_the_right_labels(tmp_path
 
     with tf.Graph().as_default():
         tf.compat.v1.set_random_seed(1)
-        # From the config alone (dataset.root), as a caller without a DataSource would do.
-        train = _collect(pipeline.build_dataset(cfg, cfg.root, None, 4, 32, is_training=True, seed=1),
-                         max_batches=6)
+        # A source resolved for training only.
+        train_source = resolve_data_source(cfg, need_eval=False)
+        train = _collect(pipeline.build_dataset(train_source, cfg, is_training=True, batch_size=4, image_size=32,
+                                                normalization=cfg.normalization, seed=1), max_batches=6)
     for images, labels in train:
         assert images.shape == (4, 32, 32, 3) and labels.shape == (4,)
         assert np.all(np.isfinite(images))

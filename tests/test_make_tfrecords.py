@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from effnet_exp.data import pipeline
-from effnet_exp.data.config import DatasetConfig
+from effnet_exp.data.config import DatasetConfig, Normalization
 from effnet_exp.data.source import resolve_data_source
 from effnet_exp.tools import make_tfrecords
 from test_image_folder import make_class_folder
@@ -189,12 +189,13 @@ def test_output_reads_through_the_tfrecord_dataset(source_folder, tmp_path):
     src, labels = source_folder
     out = tmp_path / "out"
     assert _convert(src, out, "--label-offset", "1", "--workers", "1") == 0
-    cfg = DatasetConfig(data_dir=str(out), num_classes=0, label_offset=1, normalization="unit")
+    cfg = DatasetConfig(data_dir=str(out), num_classes=0, label_offset=1, normalization=Normalization.unit)
     source = resolve_data_source(cfg)
     assert source.class_names == ["ant", "bee", "cow"] and source.num_classes == 3
     assert source.num_train == 15 and source.num_eval == 3
     with tf.Graph().as_default():
-        dataset = pipeline.build_dataset(cfg, source, None, 8, 32, is_training=False)
+        dataset = pipeline.build_dataset(source, cfg, is_training=False, batch_size=8, image_size=32,
+                                         normalization=cfg.normalization)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         batch = iterator.get_next()
         images, found = [], []

@@ -18,7 +18,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data import pipeline
+from effnet_exp.data.config import Builtin
+from effnet_exp.data.records import make_example, write_tfrecord
 
 MANIFEST = "manifest.json"
 LABELS_FILE = "labels.txt"
@@ -88,7 +89,7 @@ def _write_digits(folder):
     def examples(indices):
         for i in indices:
             label = int(labels[i])
-            yield pipeline.make_example(
+            yield make_example(
                 encoded[i], label, height=height, width=width, text=class_names[label],
                 filename="digits_{:04d}.jpg".format(int(i)), image_format="JPEG")
 
@@ -99,7 +100,7 @@ def _write_digits(folder):
         names = []
         for index, shard in enumerate(shards):
             name = _shard_name(split, index, len(shards))
-            pipeline.write_tfrecord(os.path.join(folder, name), examples(shard))
+            write_tfrecord(os.path.join(folder, name), examples(shard))
             names.append(name)
         indices = np.concatenate(shards)
         per_class = {name: int(np.sum(labels[indices] == cls)) for cls, name in enumerate(class_names)}
@@ -127,7 +128,7 @@ def _write_digits(folder):
 
 
 _BUILTINS = {
-    "digits": (_DIGITS_VERSION, _write_digits),
+    Builtin.digits.value: (_DIGITS_VERSION, _write_digits),
 }
 
 

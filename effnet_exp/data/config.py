@@ -1,7 +1,9 @@
-"""Typed schema of the `dataset` config group (no TensorFlow import here)."""
+"""Typed schema of the `dataset` config group and its per-field checks (no TensorFlow import here)."""
 import enum
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from effnet_exp.errors import UserError
 
 
 class Normalization(str, enum.Enum):
@@ -9,6 +11,11 @@ class Normalization(str, enum.Enum):
     imagenet = "imagenet"  # (x - ImageNet mean) / ImageNet std, per channel, on the 0-255 scale
     unit = "unit"  # x / 255
     lite = "lite"  # (x - 127) / 128, what the EfficientNet-Lite weights expect
+
+
+class Builtin(str, enum.Enum):
+    """Datasets that ship with an installed package (effnet_exp/data/bundled.py)."""
+    digits = "digits"  # scikit-learn's 8x8 handwritten digits
 
 
 @dataclass
@@ -39,7 +46,7 @@ class DatasetConfig:
     num_train_images: Optional[int] = None
     num_eval_images: Optional[int] = None
     # A dataset that ships with an installed package ("digits"), converted once into cache_dir.
-    builtin: Optional[str] = None
+    builtin: Optional[Builtin] = None
     cache_dir: str = "${oc.env:EFFNET_EXP_CACHE,'~/.cache/effnet_exp'}"
     # Training augmentation (reference values).
     random_flip: bool = True
@@ -71,3 +78,37 @@ class DatasetConfig:
     # TFRecord datasets up to this many MB are read once before training to check every record's framing,
     # Example, image key and label (larger ones are checked as they are read). 0: never.
     precheck_max_mb: int = 1024
+
+
+def check_dataset(cfg):
+    """Per-field ranges of the dataset section; raises UserError naming the key and its value."""
+    _require(0.0 <= cfg.val_fraction < 1.0, "val_fraction", cfg.val_fraction, "in [0, 1)")
+    _require(cfg.num_classes >= 0, "num_classes", cfg.num_classes, "0 (from the data) or more")
+    _require(cfg.image_size is None or cfg.image_size >= 1, "image_size", cfg.image_size, "at least 1")
+    _require(0.0 <= cfg.min_object_covered <= 1.0, "min_object_covered", cfg.min_object_covered, "in [0, 1]")
+    _require(_is_range(cfg.aspect_ratio_range, float("inf")), "aspect_ratio_range", cfg.aspect_ratio_range,
+             "[low, high] with 0 < low <= high")
+    _require(_is_range(cfg.area_range, 1.0), "area_range", cfg.area_range, "[low, high] with 0 < low <= high <= 1")
+    _require(cfg.max_attempts >= 1, "max_attempts", cfg.max_attempts, "at least 1")
+    _require(cfg.crop_padding >= 0, "crop_padding", cfg.crop_padding, "0 or more")
+    # 0 or 1: no shuffle.
+    _require(cfg.shuffle_buffer >= 0, "shuffle_buffer", cfg.shuffle_buffer, "0 or more")
+    _require(cfg.cycle_length >= 1, "cycle_length", cfg.cycle_length, "at least 1")
+    _require(cfg.read_buffer_mb > 0, "read_buffer_mb", cfg.read_buffer_mb, "above 0")
+    _require(cfg.num_parallel_calls == -1 or cfg.num_parallel_calls >= 1, "num_parallel_calls",
+             cfg.num_parallel_calls, "-1 (AUTOTUNE) or at least 1")
+    _require(cfg.prefetch >= -1, "prefetch", cfg.prefetch, "-1 (AUTOTUNE), 0 (none) or more")
+    _require(cfg.private_threadpool_size >= 0, "private_threadpool_size", cfg.private_threadpool_size,
+             "0 (the shared pool) or more")
+    _require(cfg.max_intra_op_parallelism >= 0, "max_intra_op_parallelism", cfg.max_intra_op_parallelism,
+             "0 (unset) or more")
+    _require(cfg.precheck_max_mb >= 0, "precheck_max_mb", cfg.precheck_max_mb, "0 (never) or more")
+
+
+def _is_range(pair, upper):
+    return len(pair) == 2 and 0.0 < pair[0] <= pair[1] <= upper
+
+
+def _require(ok, key, value, what):
+    if not ok:
+        raise UserError("dataset.{}={} must be {}".format(key, value, what))

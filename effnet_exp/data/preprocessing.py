@@ -15,6 +15,8 @@ dropped) is decoded once and the window sliced from it. Anything else stops with
 import numpy as np
 import tensorflow as tf
 
+from effnet_exp.data.config import Normalization
+
 CROP_PADDING = 32
 
 # Reference augmentation values (tensorflow/tpu EfficientNet preprocessing).
@@ -25,7 +27,12 @@ DEFAULT_MAX_ATTEMPTS = 10
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-NORMALIZATION_MODES = ("imagenet", "unit", "lite")
+# (mean, std) per RGB channel of each Normalization: x -> (x - mean) / std, x on the 0-255 scale.
+_NORMALIZATION_CONSTANTS = {
+    Normalization.imagenet: (IMAGENET_MEAN, IMAGENET_STD),
+    Normalization.lite: ((127.0,) * 3, (128.0,) * 3),
+    Normalization.unit: ((0.0,) * 3, (255.0,) * 3),
+}
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 UNSUPPORTED_FORMAT_MESSAGE = (
@@ -240,50 +247,45 @@ def preprocess_for_eval(image_bytes, image_size, crop_padding=CROP_PADDING, imag
     return tf.cast(image, tf.float32)
 
 
-def preprocess_image(image_bytes, image_size, is_training, cfg=None, seed=None, image_format="auto"):
-    """Dispatch on is_training, taking augmentation settings from a DatasetConfig (or defaults)."""
-    crop_padding = getattr(cfg, "crop_padding", CROP_PADDING)
+def preprocess_image(image_bytes, image_size, is_training, cfg, seed=None, image_format="auto"):
+    """Dispatch on is_training, with the augmentation settings and crop padding of the DatasetConfig cfg."""
     if is_training:
         return preprocess_for_train(
             image_bytes, image_size,
-            min_object_covered=getattr(cfg, "min_object_covered", DEFAULT_MIN_OBJECT_COVERED),
-            aspect_ratio_range=tuple(getattr(cfg, "aspect_ratio_range", DEFAULT_ASPECT_RATIO_RANGE)),
-            area_range=tuple(getattr(cfg, "area_range", DEFAULT_AREA_RANGE)),
-            max_attempts=getattr(cfg, "max_attempts", DEFAULT_MAX_ATTEMPTS),
-            random_flip=bool(getattr(cfg, "random_flip", True)),
-            crop_padding=crop_padding,
+            min_object_covered=cfg.min_object_covered,
+            aspect_ratio_range=tuple(cfg.aspect_ratio_range),
+            area_range=tuple(cfg.area_range),
+            max_attempts=cfg.max_attempts,
+            random_flip=bool(cfg.random_flip),
+            crop_padding=cfg.crop_padding,
             seed=seed,
             image_format=image_format)
-    return preprocess_for_eval(image_bytes, image_size, crop_padding=crop_padding,
-                               image_format=image_format)
+    return preprocess_for_eval(image_bytes, image_size, crop_padding=cfg.crop_padding, image_format=image_format)
 
 
-def check_normalization(mode):
-    """Return the canonical normalization name, or raise ValueError naming the bad value."""
-    key = mode.lower() if isinstance(mode, str) else mode
-    if key not in NORMALIZATION_MODES:
-        raise ValueError("unknown normalization {!r}; expected one of: {}".format(
-            mode, ", ".join(NORMALIZATION_MODES)))
-    return key
+def normalization_constants(mode):
+    """(mean, std), three floats each: what `normalize(images, mode)` computes is (x - mean) / std per RGB
+    channel, x on the 0-255 scale. mode: a Normalization (or its value); ValueError names a bad one."""
+    return _NORMALIZATION_CONSTANTS[Normalization(mode)]
 
 
 def normalize(images, mode, rows=True):
-    """Scale float images on the 0-255 scale: "imagenet" (mean/std per channel), "unit" (/255) or
-    "lite" ((x - 127) / 128, what the EfficientNet-Lite weights expect).
+    """Scale float images on the 0-255 scale by the Normalization mode (or its value): imagenet (mean/std
+    per channel), unit (/255) or lite ((x - 127) / 128, what the EfficientNet-Lite weights expect).
+    ValueError for anything else.
 
-    rows=False: "imagenet" as plain broadcast Sub and RealDiv ops, what graph converters (Ascend's ATC,
+    rows=False: imagenet as plain broadcast Sub and RealDiv ops, what graph converters (Ascend's ATC,
     TFLite) expect in an exported model; the same values, slower on TensorFlow's CPU kernels."""
-    key = check_normalization(mode)
-    if key == "imagenet":
-        images = tf.cast(images, tf.float32)
+    mode = Normalization(mode)
+    images = tf.cast(images, tf.float32)
+    if mode == Normalization.imagenet:
         channels_last = images.shape.ndims is not None and images.shape.ndims >= 2 and images.shape[-1] == 3
         if rows and channels_last:
             return _per_channel(images, IMAGENET_MEAN, IMAGENET_STD)
         return (images - tf.constant(IMAGENET_MEAN, tf.float32)) / tf.constant(IMAGENET_STD, tf.float32)
-    if key == "lite":
-        return (tf.cast(images, tf.float32) - 127.0) / 128.0
-    # "unit"
-    return tf.cast(images, tf.float32) / 255.0
+    if mode == Normalization.lite:
+        return (images - 127.0) / 128.0
+    return images / 255.0
 
 
 def _per_channel(images, mean, std):

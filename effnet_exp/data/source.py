@@ -4,6 +4,12 @@ import logging
 import os
 from collections import namedtuple
 
+import tensorflow as tf
+
+from effnet_exp.data.bundled import prepare_builtin
+from effnet_exp.data.diagnostics import SKIP_HINT, describe_bad_record, label_message
+from effnet_exp.data.folder import scan_image_folder
+from effnet_exp.data.records import count_records, inspect_payload, list_files
 from effnet_exp.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -18,7 +24,7 @@ data_dir: the TFRecord folder (or the image folder's root); train_files / eval_f
 files (image files for an image folder); num_train / num_eval: record counts; class_names: list or
 None; kind: "tfrecord" or "folder"; train_items / eval_items: [(image path, label)] for an image
 folder, else None; num_classes: what the data says (class folders, manifest.json), else None.
-Pass the DataSource itself to pipeline.build_dataset as its data_dir."""
+Pass it to pipeline.build_dataset."""
 
 MANIFEST = "manifest.json"
 LABELS_FILE = "labels.txt"
@@ -28,17 +34,13 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
     """Resolve ds_cfg to a DataSource, raising UserError for anything wrong with the data or config:
     missing or empty folders, class folders without images, num_classes or label_offset disagreeing
     with the data, labels out of range, bad records found by the precheck (unless skip_bad_records)."""
-    if getattr(ds_cfg, "root", None):
+    if ds_cfg.root:
         return _resolve_folder(ds_cfg, need_train, need_eval)
-    from effnet_exp.data import pipeline
-
     class_names = None
     data_num_classes = None
     num_train, num_eval = ds_cfg.num_train_images, ds_cfg.num_eval_images
     if ds_cfg.builtin:
-        from effnet_exp.data.bundled import prepare_builtin
-
-        info = prepare_builtin(ds_cfg.builtin, ds_cfg.cache_dir)
+        info = prepare_builtin(ds_cfg.builtin.value, ds_cfg.cache_dir)
         data_dir = info["data_dir"]
         class_names = list(info["class_names"])
         data_num_classes = info["num_classes"]
@@ -46,7 +48,7 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
         num_eval = num_eval or info["num_eval"]
         if info["num_classes"] != ds_cfg.num_classes and ds_cfg.num_classes:
             raise UserError("dataset.num_classes={} but the built-in dataset {!r} has {} classes".format(
-                ds_cfg.num_classes, ds_cfg.builtin, info["num_classes"]))
+                ds_cfg.num_classes, ds_cfg.builtin.value, info["num_classes"]))
     else:
         if not ds_cfg.data_dir:
             raise UserError("dataset.data_dir is not set (the folder holding the TFRecord shards)")
@@ -61,8 +63,8 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
         raise UserError("dataset.num_classes=0 (take it from the data) but {} has no {} saying how many "
                         "classes there are: set dataset.num_classes".format(data_dir, MANIFEST))
     try:
-        train_files = pipeline.list_files(data_dir, ds_cfg.train_pattern) if need_train else []
-        eval_files = pipeline.list_files(data_dir, ds_cfg.eval_pattern) if need_eval else []
+        train_files = list_files(data_dir, ds_cfg.train_pattern) if need_train else []
+        eval_files = list_files(data_dir, ds_cfg.eval_pattern) if need_eval else []
     except (IOError, OSError) as err:  # FileNotFoundError on Python 3
         raise UserError(str(err))
     if not ds_cfg.builtin:
@@ -72,9 +74,9 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
             num_eval = num_eval or sum(counts[f] for f in eval_files)
     try:
         if need_train and not num_train:
-            num_train = pipeline.count_records(train_files)
+            num_train = count_records(train_files)
         if need_eval and not num_eval:
-            num_eval = pipeline.count_records(eval_files)
+            num_eval = count_records(eval_files)
     except ValueError as err:  # a truncated file
         raise UserError("{} (set dataset.skip_bad_records=true and dataset.num_train_images / "
                         "num_eval_images to read what can be read)".format(err))
@@ -121,22 +123,18 @@ def _precheck(ds_cfg, num_classes, files):
     """Read every record of small local TFRecord datasets once -> {file: record count}, or None
     when skipped (remote files, or more than dataset.precheck_max_mb). Raises UserError for a label
     out of range, and for any bad record unless dataset.skip_bad_records."""
-    from effnet_exp.data import pipeline
-    import tensorflow as tf
-
-    limit_mb = int(getattr(ds_cfg, "precheck_max_mb", 1024) or 0)
+    limit_mb = ds_cfg.precheck_max_mb
     files = sorted(set(files))
     if limit_mb <= 0 or not files or any("://" in f for f in files):
         return None
     if sum(os.path.getsize(f) for f in files) > limit_mb * 1024 * 1024:
         return None
-    skip = bool(getattr(ds_cfg, "skip_bad_records", False))
-    hint = " (set dataset.skip_bad_records=true to skip and count bad records)"
+    skip = ds_cfg.skip_bad_records
     counts, bad, labels_seen = {}, 0, set()
 
     def problem(message):
         if not skip:
-            raise UserError(message + hint)
+            raise UserError("{} ({})".format(message, SKIP_HINT))
         if bad <= 20:
             log.warning("bad data (will be skipped): %s", message)
 
@@ -153,14 +151,11 @@ def _precheck(ds_cfg, num_classes, files):
             except tf.errors.OpError:
                 bad += 1
                 count += 1
-                problem(pipeline.describe_bad_record("broken", path, index, ds_cfg))
+                problem(describe_bad_record("broken", path, index, ds_cfg))
                 break
-            label, reason = pipeline.inspect_payload(payload, ds_cfg)
+            label, reason = inspect_payload(payload, ds_cfg)
             if label is not None and not 0 <= label < num_classes:
-                raise UserError("record {} of {}: label {} (stored {} minus dataset.label_offset={}) is "
-                                "outside [0, {}); check dataset.num_classes and dataset.label_offset".format(
-                                    index, path, label, label + int(ds_cfg.label_offset),
-                                    ds_cfg.label_offset, num_classes))
+                raise UserError(label_message(index, path, label, ds_cfg, num_classes))
             count += 1
             if reason is not None:
                 bad += 1
@@ -177,10 +172,7 @@ def _precheck(ds_cfg, num_classes, files):
 
 
 def _resolve_folder(ds_cfg, need_train, need_eval):
-    from effnet_exp.data.folder import scan_image_folder
-
-    split = scan_image_folder(ds_cfg.root, getattr(ds_cfg, "val_fraction", 0.2),
-                              getattr(ds_cfg, "split_seed", 0), what="dataset.root")
+    split = scan_image_folder(ds_cfg.root, ds_cfg.val_fraction, ds_cfg.split_seed, what="dataset.root")
     num_classes = len(split.class_names)
     if ds_cfg.num_classes and ds_cfg.num_classes != num_classes:
         shown = ", ".join(split.class_names[:5]) + (", ..." if num_classes > 5 else "")

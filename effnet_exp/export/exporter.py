@@ -16,8 +16,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.preprocessing import (CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD, check_normalization,
-                                           normalize, preprocess_for_eval)
+from effnet_exp.data.config import Normalization
+from effnet_exp.data.preprocessing import CROP_PADDING, normalization_constants, normalize, preprocess_for_eval
 from effnet_exp.errors import UserError
 from effnet_exp.export.config import check_export_config
 from effnet_exp.model.efficientnet import build_efficientnet
@@ -68,13 +68,11 @@ def export_model_config(model_cfg):
 def normalization_info(name):
     """How `input` is scaled: (x - mean) / std per RGB channel on the 0-255 scale."""
     try:
-        key = check_normalization(name)
+        key = Normalization(name)
     except ValueError as err:
         raise UserError("normalization: {}".format(err))
-    mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                 "lite": ((127.0,) * 3, (128.0,) * 3),
-                 "unit": ((0.0,) * 3, (255.0,) * 3)}[key]
-    return {"name": key, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+    mean, std = normalization_constants(key)
+    return {"name": key.value, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "formula": "(x - mean) / std per RGB channel, x on the 0-255 scale"}
 
 

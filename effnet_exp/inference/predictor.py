@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.pipeline import bad_data_message
+from effnet_exp.data.diagnostics import bad_data_message
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import WeightsPlan, model_variables

@@ -151,14 +151,16 @@ def pipeline_rate(batch, image_size):
     """Training input pipeline images/s on the bundled digits (decode, crop, resize, flip, batch)."""
     import tensorflow as tf
 
-    from effnet_exp.data.bundled import prepare_builtin
-    from effnet_exp.data.config import DatasetConfig
+    from effnet_exp.data.config import Builtin, DatasetConfig
     from effnet_exp.data.pipeline import build_dataset
+    from effnet_exp.data.source import resolve_data_source
 
-    info = prepare_builtin("digits", os.environ.get("EFFNET_EXP_CACHE", "~/.cache/effnet_exp"))
+    ds_cfg = DatasetConfig(num_classes=10, builtin=Builtin.digits,
+                           cache_dir=os.environ.get("EFFNET_EXP_CACHE", "~/.cache/effnet_exp"))
+    source = resolve_data_source(ds_cfg, need_eval=False)
     with tf.Graph().as_default():
-        dataset = build_dataset(DatasetConfig(num_classes=10), info["data_dir"], "train-*", batch, image_size,
-                                is_training=True, seed=0)
+        dataset = build_dataset(source, ds_cfg, is_training=True, batch_size=batch, image_size=image_size,
+                                normalization=ds_cfg.normalization, seed=0)
         batch_op = tf.compat.v1.data.make_one_shot_iterator(dataset).get_next()
         with tf.compat.v1.Session() as sess:
             return _median_rate(lambda: sess.run(batch_op), batch, 20, 5)

@@ -47,8 +47,17 @@ _CHUNK = 16  # images per worker task
 # --------------------------------------------------------------------------- one image (worker side)
 
 
+def _pil_image():
+    """PIL.Image, imported on first use: Pillow is optional, needed by this tool only (in its workers)."""
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise UserError("make_tfrecords needs Pillow ({}); install it with: pip install pillow".format(err))
+    return Image
+
+
 def _to_rgb(image):
-    from PIL import Image
+    Image = _pil_image()
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         pixels = np.asarray(image).astype(np.int64)
@@ -65,8 +74,7 @@ def load_image(path, quality=DEFAULT_QUALITY):
     RGB JPEGs come back as they are, after a full decode to check them; PNGs and other JPEGs
     (greyscale, CMYK) are converted to RGB and encoded as JPEG at `quality`.
     """
-    from PIL import Image
-
+    Image = _pil_image()
     with open(path, "rb") as handle:
         data = handle.read()
     fmt = sniff_image_format(data)
@@ -264,13 +272,11 @@ def _results(tasks, workers):
 class _ShardWriter(object):
     """Writes one shard under a hidden temporary name; `commit` renames it into place."""
 
-    def __init__(self, out, name):
-        import tensorflow as tf
-
+    def __init__(self, out, name, open_writer):
         self.final = os.path.join(out, name)
         fd, self.tmp = tempfile.mkstemp(dir=out, prefix="." + name + ".tmp-")
         os.close(fd)
-        self.writer = tf.io.TFRecordWriter(self.tmp)
+        self.writer = open_writer(self.tmp)
 
     def write(self, payload):
         self.writer.write(payload)
@@ -291,13 +297,12 @@ class _ShardWriter(object):
 def convert(src, out, val_fraction=0.2, num_shards=8, val_shards=None, workers=None, seed=0,
             label_offset=0, quality=DEFAULT_QUALITY, progress=True, stream=None):
     """Convert the image folder src into TFRecords under out; returns the manifest (a dict)."""
-    from effnet_exp.data import pipeline
+    # Not at the top: it imports TensorFlow, and every spawn worker re-imports this module (as __mp_main__
+    # under python -m), which would cost each worker TensorFlow's start-up time and memory.
+    from effnet_exp.data import records
 
     stream = stream or sys.stderr
-    try:
-        import PIL.Image  # noqa: F401  (decodes and re-encodes the images, in the workers)
-    except ImportError as err:
-        raise UserError("make_tfrecords needs Pillow ({}); install it with: pip install pillow".format(err))
+    _pil_image()  # fails here, not in every worker
     if num_shards < 1 or (val_shards is not None and val_shards < 1):
         raise UserError("--shards and --val-shards must be at least 1")
     if not 1 <= int(quality) <= 100:
@@ -330,7 +335,7 @@ def convert(src, out, val_fraction=0.2, num_shards=8, val_shards=None, workers=N
         for shard, results in zip(owner, _results(tasks, workers)):
             split_name, name, items = plan[shard]
             if shard not in writers:
-                writers[shard] = _ShardWriter(out, name)
+                writers[shard] = _ShardWriter(out, name, records.open_writer)
             for index, loaded, problem in results:
                 path, label = items[index]
                 if problem is not None:
@@ -339,10 +344,10 @@ def convert(src, out, val_fraction=0.2, num_shards=8, val_shards=None, workers=N
                     continue
                 data, height, width, was_reencoded = loaded
                 reencoded += int(was_reencoded)
-                example = pipeline.make_example(
+                example = records.make_example(
                     data, label + int(label_offset), height=height, width=width,
                     text=split.class_names[label], filename=relative(path), image_format="JPEG")
-                writers[shard].write(pipeline.serialize_example(example))
+                writers[shard].write(records.serialize_example(example))
                 per_class[split_name][label] += 1
             bar.update(len(results))
             remaining[shard] -= 1

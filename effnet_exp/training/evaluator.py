@@ -5,7 +5,8 @@ import time
 
 import tensorflow as tf
 
-from effnet_exp.data.pipeline import build_dataset, data_errors, skipped_records
+from effnet_exp.data.diagnostics import data_errors, skipped_records
+from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import WeightsPlan, model_variables
 from effnet_exp.run_files import atomic_write_json
@@ -25,8 +26,8 @@ class Evaluator(object):
 
     def _build(self):
         cfg = self.cfg
-        dataset = build_dataset(cfg.dataset, self.source, cfg.dataset.eval_pattern,
-                                cfg.eval.batch_size, self.image_size, is_training=False)
+        dataset = build_dataset(self.source, cfg.dataset, is_training=False, batch_size=cfg.eval.batch_size,
+                                image_size=self.image_size, normalization=cfg.dataset.normalization)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         images, labels = iterator.get_next()
         logits, _ = build_efficientnet(images, cfg.model, is_training=False)

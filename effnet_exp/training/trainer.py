@@ -7,7 +7,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.pipeline import build_dataset, data_errors, skipped_records
+from effnet_exp.data.diagnostics import data_errors, skipped_records
+from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.errors import UserError
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import HEAD_SCOPE, WeightsPlan, model_variables
@@ -191,9 +192,9 @@ class Trainer(object):
             start_position = self._checkpointed_step() * cfg.train.batch_size
 
             def dataset():  # global batches; under a strategy each replica takes its slice of every one
-                return build_dataset(cfg.dataset, self.source, cfg.dataset.train_pattern, cfg.train.batch_size,
-                                     self.image_size, is_training=True, seed=cfg.seed,
-                                     start_position=start_position, **self.data_shard())
+                return build_dataset(self.source, cfg.dataset, is_training=True, batch_size=cfg.train.batch_size,
+                                     image_size=self.image_size, normalization=cfg.dataset.normalization,
+                                     seed=cfg.seed, start_position=start_position, **self.data_shard())
 
             iterator_init, inputs = replicas.input_iterator(dataset, cfg.train.batch_size)
             global_step = tf.compat.v1.train.get_or_create_global_step()
