@@ -24,6 +24,9 @@ class Mode(enum.Enum):
     export = "export"
 
 
+TRAINING_MODES = (Mode.train_eval, Mode.train)
+INFERENCE_MODES = (Mode.eval, Mode.predict, Mode.export)  # the weights come from eval.checkpoint
+
 @dataclass
 class RunConfig:
     mode: Mode = Mode.train_eval
@@ -39,6 +42,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def requested_image_size(cfg):
+    """The input size the config asks for: model.image_size, else the dataset's suggestion, else the variant's."""
+    return cfg.model.image_size or cfg.dataset.image_size or cfg.model.resolution
 
 
 DEVICE_SCHEMAS = {"cpu": CpuDeviceConfig, "gpu": GpuDeviceConfig, "ascend": AscendDeviceConfig}

@@ -2,21 +2,20 @@
 import logging
 import os
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from effnet_exp.config import DEVICE_SCHEMAS, RunConfig
 from effnet_exp.errors import UserError
-from effnet_exp.run_files import atomic_write_text
+from effnet_exp.run_folder import HYDRA_CONFIG, SAVED_CONFIG, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SAVED_CONFIG = os.path.join(".hydra", "effnet_config.yaml")
 GROUPS = ("dataset", "model", "optimizer", "device", "experiment")
 
 
 def _typed(saved, path):
     """The saved config under the run schema again, so overrides are type-checked as on a first start."""
-    from effnet_exp.config import DEVICE_SCHEMAS, RunConfig
-
     schema = OmegaConf.structured(RunConfig)
     device = saved.get("device", {}).get("name")
     if device not in DEVICE_SCHEMAS:
@@ -41,8 +40,6 @@ def save_config(cfg, run_dir):
 
 def resumed_config(run_dir, overrides):
     """The config saved at the run's first start, with the command line's key=value overrides applied."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     path = os.path.join(run_dir, SAVED_CONFIG)
     if not os.path.isfile(path):
         raise UserError("resume={} is not a run folder of effnet-exp (no {})".format(run_dir, SAVED_CONFIG))
@@ -65,5 +62,5 @@ def resumed_config(run_dir, overrides):
     cfg.resume = run_dir
     log.info("resuming %s with its saved config%s", run_dir,
              "; overrides applied on top: " + ", ".join(applied) if applied else "")
-    atomic_write_text(os.path.join(run_dir, ".hydra", "config.yaml"), OmegaConf.to_yaml(cfg))
+    atomic_write_text(os.path.join(run_dir, HYDRA_CONFIG), OmegaConf.to_yaml(cfg))
     return cfg

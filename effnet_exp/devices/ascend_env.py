@@ -11,9 +11,6 @@ from collections import namedtuple
 from effnet_exp.errors import UserError
 
 AscendEnv = namedtuple("AscendEnv", ["rank_size", "rank_id", "rank_table_file", "device_id"])
-DataParallel = namedtuple("DataParallel", ["size", "rank"])
-
-SINGLE = DataParallel(size=1, rank=0)
 
 
 def _int_var(environ, name, minimum):
@@ -78,19 +75,3 @@ def rank_table_devices(path):
     except (KeyError, TypeError) as err:
         raise UserError("environment variable RANK_TABLE_FILE={}: neither a server_list nor a group_list rank "
                         "table (missing {})".format(path, err))
-
-
-def data_parallel(device_cfg, environ=None):
-    """DataParallel(size, rank) of this process: from the Ascend environment for device=ascend, else 1 and 0."""
-    if getattr(device_cfg, "name", None) != "ascend":
-        return SINGLE
-    env = read_ascend_env(environ)
-    return DataParallel(size=env.rank_size, rank=env.rank_id)
-
-
-def is_chief(device_cfg, environ=None):
-    """Whether this process writes the run's checkpoints, eval.json and summaries: rank 0 of an Ascend job, the
-    chief of a device.strategy=multi_worker job (TF_CONFIG; effnet_exp/devices/strategy.py), else True."""
-    from effnet_exp.devices.strategy import is_multi_worker_chief
-
-    return data_parallel(device_cfg, environ).rank == 0 and is_multi_worker_chief(device_cfg, environ)

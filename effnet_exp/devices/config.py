@@ -1,6 +1,38 @@
-"""Typed schemas of the `device` config group, one per device (no TensorFlow import here)."""
+"""Typed schemas of the `device` config group, one per device, and their checks (no TensorFlow import here)."""
+import enum
+import os
 from dataclasses import dataclass, field
 from typing import Optional
+
+from effnet_exp.errors import UserError
+
+
+class Strategy(str, enum.Enum):
+    """device.strategy: tf.distribute data parallelism (effnet_exp/devices/distribute.py)."""
+    none = "none"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+
+
+class PrecisionMode(str, enum.Enum):
+    """CANN's precision_mode values (the TF adapter's npu_attrs.cc)."""
+    allow_mix_precision = "allow_mix_precision"
+    allow_mix_precision_fp16 = "allow_mix_precision_fp16"
+    allow_mix_precision_bf16 = "allow_mix_precision_bf16"
+    allow_fp32_to_fp16 = "allow_fp32_to_fp16"
+    allow_fp32_to_bf16 = "allow_fp32_to_bf16"
+    must_keep_origin_dtype = "must_keep_origin_dtype"
+    force_fp32 = "force_fp32"
+    cube_fp16in_fp32out = "cube_fp16in_fp32out"
+    force_fp16 = "force_fp16"
+
+
+# The modes that compute (some) ops in float16, so gradients can underflow/overflow: they get loss scaling.
+# force_fp32 / cube_fp16in_fp32out feed matrix ops float16 inputs too; the bf16 modes and
+# must_keep_origin_dtype (a float32 graph stays float32) do not need it.
+FLOAT16_PRECISION_MODES = (PrecisionMode.allow_mix_precision, PrecisionMode.allow_mix_precision_fp16,
+                           PrecisionMode.allow_fp32_to_fp16, PrecisionMode.force_fp32,
+                           PrecisionMode.cube_fp16in_fp32out, PrecisionMode.force_fp16)
 
 
 @dataclass
@@ -16,7 +48,7 @@ class CpuDeviceConfig:
     # Data parallelism with tf.distribute (effnet_exp/devices/strategy.py; cpu and gpu only): none | mirrored
     # (device.replicas devices of this host) | multi_worker (the workers TF_CONFIG lists, each started with the
     # same command). Under a strategy train.batch_size is the global batch, split evenly over the replicas.
-    strategy: str = "none"
+    strategy: Strategy = Strategy.none
     # mirrored: how many devices; 0 = every visible GPU (device=gpu); device=cpu needs N >= 1 logical CPU devices.
     # multi_worker: 0 (each worker replicates over all its GPUs, or its CPU).
     replicas: int = 0
@@ -24,7 +56,7 @@ class CpuDeviceConfig:
 
 @dataclass
 class LossScaleConfig:
-    """device.loss_scale: loss scaling for float16 training (effnet_exp/devices/loss_scaling.py)."""
+    """device.loss_scale: loss scaling for float16 training (effnet_exp/devices/loss_scaling.py, ascend.py)."""
     # dynamic | a fixed scale such as 1024 | none.
     scale: str = "dynamic"
     # dynamic: start here, multiply by incr_ratio after incr_every_n_steps finite steps in a row.
@@ -55,10 +87,12 @@ class AscendDeviceConfig(CpuDeviceConfig):
     # The NPU compiles the graph itself (CANN): no XLA.
     xla_swish_grad: bool = False
     use_off_line: bool = True
-    # One of effnet_exp.devices.session.PRECISION_MODES; the float16 ones get loss scaling (device.loss_scale).
-    precision_mode: str = "allow_mix_precision"
+    # The float16 ones (FLOAT16_PRECISION_MODES) get loss scaling (device.loss_scale).
+    precision_mode: PrecisionMode = PrecisionMode.allow_mix_precision
     mix_compile_mode: bool = False
-    # Training steps per sess.run, looped on the device (> 1 needs mix_compile_mode=false).
+    # Training steps per sess.run, looped on the device (> 1 needs mix_compile_mode=false). It must divide the
+    # step total (an epoch-derived total is rounded up to a multiple, and logged), train.steps, train.log_every,
+    # train.checkpoint_every and train.eval_every.
     iterations_per_loop: int = 1
     # JSON black/white/gray list for mixed precision; only with allow_mix_precision*.
     modify_mixlist: Optional[str] = None
@@ -68,3 +102,54 @@ class AscendDeviceConfig(CpuDeviceConfig):
     memory_optimization: bool = False
     # Through npu_bridge's NPULossScaleOptimizer whenever precision_mode computes in float16.
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+
+
+def check_loss_scale(cfg, key="device.loss_scale"):
+    if cfg.scale not in ("dynamic", "none"):
+        try:
+            value = float(cfg.scale)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise UserError("{}.scale={!r} is not dynamic, none or a number >= 1".format(key, cfg.scale))
+    if cfg.init_scale < 1:
+        raise UserError("{}.init_scale={} must be >= 1".format(key, cfg.init_scale))
+    if cfg.incr_every_n_steps < 1 or cfg.decr_every_n_nan_or_inf < 1:
+        raise UserError("{}.incr_every_n_steps and .decr_every_n_nan_or_inf must be >= 1".format(key))
+    if cfg.incr_ratio <= 1 or not 0 < cfg.decr_ratio < 1:
+        raise UserError("{}.incr_ratio must be > 1 and .decr_ratio in (0, 1) (got {}, {})".format(
+            key, cfg.incr_ratio, cfg.decr_ratio))
+
+
+def check_device(cfg):
+    """The device section's own fields; rules that involve other sections are the device object's check()."""
+    if cfg.intra_op_threads < 0 or cfg.inter_op_threads < 0:
+        raise UserError("device.intra_op_threads and device.inter_op_threads must be >= 0 (0: TensorFlow's choice)")
+    if cfg.replicas < 0:
+        raise UserError("device.replicas={} must be >= 0".format(cfg.replicas))
+    if cfg.strategy == Strategy.none and cfg.replicas:
+        raise UserError("device.replicas={} needs device.strategy=mirrored".format(cfg.replicas))
+    if cfg.strategy == Strategy.multi_worker and cfg.replicas:
+        raise UserError("device.strategy=multi_worker takes device.replicas=0: each worker replicates over all "
+                        "its GPUs (limit them with CUDA_VISIBLE_DEVICES) or its CPU")
+    if isinstance(cfg, (GpuDeviceConfig, AscendDeviceConfig)):
+        check_loss_scale(cfg.loss_scale)
+    if isinstance(cfg, AscendDeviceConfig):
+        _check_ascend(cfg)
+
+
+def _check_ascend(cfg):
+    if cfg.strategy != Strategy.none:
+        raise UserError("device=ascend has its own data parallelism (python -m effnet_exp.tools.launch_ascend); "
+                        "device.strategy={} is for device=cpu|gpu".format(cfg.strategy.value))
+    if cfg.iterations_per_loop < 1:
+        raise UserError("device.iterations_per_loop={} must be at least 1".format(cfg.iterations_per_loop))
+    if cfg.iterations_per_loop > 1 and cfg.mix_compile_mode:
+        raise UserError("device.iterations_per_loop={} needs device.mix_compile_mode=false (the whole step must "
+                        "run on the device)".format(cfg.iterations_per_loop))
+    if cfg.modify_mixlist:
+        if not cfg.precision_mode.value.startswith("allow_mix_precision"):
+            raise UserError("device.modify_mixlist is only used with device.precision_mode=allow_mix_precision* "
+                            "(not {})".format(cfg.precision_mode.value))
+        if not os.path.isfile(cfg.modify_mixlist):
+            raise UserError("device.modify_mixlist={}: no such file".format(cfg.modify_mixlist))

@@ -9,7 +9,7 @@ from effnet_exp.data.diagnostics import bad_data_message
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import WeightsPlan, model_variables
-from effnet_exp.run_files import atomic_write_json
+from effnet_exp.run_folder import PREDICTIONS, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Predictor(object):
 
 def report(results, run_dir):
     """Writes predictions.json and prints each file's classes; returns the number of files that failed."""
-    atomic_write_json(os.path.join(run_dir, "predictions.json"), results)
+    atomic_write_json(os.path.join(run_dir, PREDICTIONS), results)
     failed = 0
     for result in results:
         if "error" in result:

@@ -106,7 +106,7 @@ def resolve_weights(spec, cache_dir):
         from effnet_exp.tools.import_weights import ensure_imported
 
         return ensure_imported(spec[len("package:"):], os.path.expanduser(cache_dir))
-    from effnet_exp.training.checkpoints import resolve_checkpoint
+    from effnet_exp.run_folder import resolve_checkpoint
 
     return resolve_checkpoint(spec)
 

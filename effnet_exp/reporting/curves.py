@@ -2,19 +2,18 @@
 import logging
 import os
 
-from effnet_exp.reporting.files import eval_points, read_metrics, split_metrics
+from effnet_exp import run_folder
+from effnet_exp.reporting.files import eval_points, split_metrics
 
 log = logging.getLogger(__name__)
-
-CURVES = "curves.png"
 
 
 def draw_curves(run_dir):
     """Redraws <run_dir>/curves.png; returns its path. Raises what matplotlib or the disk raise."""
     from effnet_exp.reporting.plots import draw_run_curves
 
-    train, evals = split_metrics(read_metrics(os.path.join(run_dir, "metrics.jsonl")))
-    path = os.path.join(run_dir, CURVES)
+    train, evals = split_metrics(run_folder.read_metrics(run_folder.metrics_path(run_dir)))
+    path = os.path.join(run_dir, run_folder.CURVES)
     draw_run_curves(path, os.path.abspath(run_dir), train, eval_points(run_dir, evals))
     return path
 
@@ -24,5 +23,5 @@ def update_curves(run_dir):
     try:
         return draw_curves(run_dir)
     except Exception as err:  # matplotlib missing or broken, disk full: the training result matters more
-        log.warning("could not draw %s: %s: %s", os.path.join(run_dir, CURVES), type(err).__name__, err)
+        log.warning("could not draw %s: %s: %s", os.path.join(run_dir, run_folder.CURVES), type(err).__name__, err)
         return None

@@ -5,8 +5,7 @@ import os
 import socket
 import time
 
-from effnet_exp.reporting.files import read_json
-from effnet_exp.run_files import atomic_write_json
+from effnet_exp.run_folder import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The only module that imports matplotlib: figures drawn with the Agg canvas (no display, no pyplot state)."""
 import io
 
-from effnet_exp.run_files import atomic_write_bytes
+from effnet_exp.run_folder import atomic_write_bytes
 
 
 def _figure(width, height):

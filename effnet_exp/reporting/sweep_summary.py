@@ -12,16 +12,16 @@ import os
 
 import yaml
 
-from effnet_exp.reporting.files import eval_points, read_json, read_metrics, split_metrics
+from effnet_exp import run_folder
+from effnet_exp.reporting.files import eval_points, split_metrics
 from effnet_exp.reporting.jobs import COMPLETED, FAILED, STATUS_FILE
-from effnet_exp.run_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG = "summary.csv", "summary.md", "summary.png"
 COLUMNS = ("job", "overrides", "status", "error", "top1", "top5", "best_top1", "steps", "images_per_sec",
            "wall_sec", "folder")
-_SKIP = {".hydra", ".submitit", "checkpoints", "tensorboard", "export"}
+_SKIP = {run_folder.HYDRA_DIR, ".submitit", run_folder.CHECKPOINT_DIR, run_folder.TENSORBOARD, run_folder.EXPORT_DIR}
 
 
 class SweepReport(object):
@@ -44,14 +44,14 @@ def find_jobs(sweep_dir):
         subdirs[:] = sorted(d for d in subdirs if d not in _SKIP)
         if folder == sweep_dir:
             continue
-        if STATUS_FILE in files or os.path.isfile(os.path.join(folder, ".hydra", "overrides.yaml")):
+        if STATUS_FILE in files or os.path.isfile(os.path.join(folder, run_folder.HYDRA_OVERRIDES)):
             found.append(folder)
             subdirs[:] = []  # a job folder holds no other job
     return found
 
 
 def _overrides(job_dir, status):
-    path = os.path.join(job_dir, ".hydra", "overrides.yaml")
+    path = os.path.join(job_dir, run_folder.HYDRA_OVERRIDES)
     try:
         with open(path) as f:
             loaded = yaml.safe_load(f)
@@ -72,9 +72,9 @@ def _mean_images_per_sec(train):
 
 def job_row(sweep_dir, job_dir):
     """One row of the report, and (train records, eval points) for the figure."""
-    status = read_json(os.path.join(job_dir, STATUS_FILE)) or {}
-    final = read_json(os.path.join(job_dir, "eval.json")) or {}
-    train, evals = split_metrics(read_metrics(os.path.join(job_dir, "metrics.jsonl")))
+    status = run_folder.read_json(os.path.join(job_dir, STATUS_FILE)) or {}
+    final = run_folder.read_json(run_folder.eval_path(job_dir)) or {}
+    train, evals = split_metrics(run_folder.read_metrics(run_folder.metrics_path(job_dir)))
     points = eval_points(job_dir, evals)
     folder = os.path.relpath(job_dir, sweep_dir)
     state = status.get("status") or (COMPLETED if final else "unknown")
@@ -181,8 +181,8 @@ def _md_text(report):
 def write_report(sweep_dir, figure=True):
     """Writes summary.csv, summary.md and (figure=True) summary.png into sweep_dir; returns the SweepReport."""
     report = collect(sweep_dir)
-    atomic_write_text(os.path.join(report.sweep_dir, SUMMARY_CSV), _csv_text(report.rows))
-    atomic_write_text(os.path.join(report.sweep_dir, SUMMARY_MD), _md_text(report))
+    run_folder.atomic_write_text(os.path.join(report.sweep_dir, SUMMARY_CSV), _csv_text(report.rows))
+    run_folder.atomic_write_text(os.path.join(report.sweep_dir, SUMMARY_MD), _md_text(report))
     if figure:
         from effnet_exp.reporting.plots import draw_sweep
 

@@ -1,4 +1,4 @@
-"""Finding, saving and keeping checkpoints: a prefix, a folder with a `checkpoint` state file, or a run folder."""
+"""Saving and keeping checkpoints, and reading their step (finding them: effnet_exp/run_folder.py)."""
 import json
 import os
 import shutil
@@ -6,37 +6,7 @@ import shutil
 import tensorflow as tf
 
 from effnet_exp.errors import UserError
-from effnet_exp.run_files import CHECKPOINT_DIR
-
-
-def latest_in(folder):
-    """The newest checkpoint prefix in folder (or None) according to its `checkpoint` state file."""
-    if not os.path.isfile(os.path.join(folder, "checkpoint")):
-        return None
-    prefix = tf.train.latest_checkpoint(folder)
-    return prefix if prefix and _exists(prefix) else None
-
-
-def _exists(prefix):
-    """A V2 checkpoint (prefix.index) or a V1 one (a file at prefix itself)."""
-    gfile = tf.io.gfile
-    return gfile.exists(prefix + ".index") or (gfile.exists(prefix) and not gfile.isdir(prefix))
-
-
-def resolve_checkpoint(path):
-    """A checkpoint prefix from a prefix, a checkpoint folder or a run folder; UserError naming the path."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(path):
-        for folder in (os.path.join(path, CHECKPOINT_DIR), path):
-            prefix = latest_in(folder)
-            if prefix:
-                return prefix
-        raise UserError("no checkpoint found in folder {} (looked for a `checkpoint` state file in it and "
-                        "in its {}/ sub-folder)".format(path, CHECKPOINT_DIR))
-    if _exists(path):
-        return path
-    raise UserError("checkpoint {} does not exist (expected a prefix with {}.index beside it, "
-                    "a checkpoint folder or a run folder)".format(path, os.path.basename(path)))
+from effnet_exp.run_folder import BEST_DIR, latest_checkpoint
 
 
 def checkpoint_step(prefix):
@@ -56,7 +26,7 @@ def save_checkpoint(saver, sess, prefix, step, previous):
         detail = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
         # TF names the new checkpoint in the state file once its data and index are written, before its
         # .meta graph: the state file, not `previous`, says which complete checkpoint a resume would use.
-        latest = latest_in(os.path.dirname(prefix)) or previous
+        latest = latest_checkpoint(os.path.dirname(prefix)) or previous
         kept = "the previous checkpoint {} is intact".format(latest) if latest else "no earlier checkpoint"
         raise UserError("cannot write checkpoint {}-{} in {}: {}; {}".format(
             prefix, step, os.path.dirname(prefix), detail.strip().splitlines()[0], kept))
@@ -66,7 +36,7 @@ class BestCheckpoint(object):
     """checkpoints/best/: a copy of the checkpoint with the best eval top-1, outside the rotation."""
 
     def __init__(self, checkpoint_dir):
-        self.folder = os.path.join(checkpoint_dir, "best")
+        self.folder = os.path.join(checkpoint_dir, BEST_DIR)
         self.record_path = os.path.join(self.folder, "best.json")
         self.top1 = None
         if os.path.isfile(self.record_path):

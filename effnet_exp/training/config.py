@@ -1,6 +1,29 @@
-"""Typed schemas of the `optimizer` group and the `train` / `eval` sections (no TensorFlow import here)."""
+"""Typed schemas of the `optimizer` group and the `train` / `eval` / `predict` sections, and their checks (no
+TensorFlow import here)."""
+import enum
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from effnet_exp.errors import UserError
+
+
+class ScheduleName(str, enum.Enum):
+    constant = "constant"
+    exponential = "exponential"
+    cosine = "cosine"
+
+
+class OptimizerName(str, enum.Enum):
+    sgd_nesterov = "sgd_nesterov"
+    momentum = "momentum"
+    rmsprop = "rmsprop"
+    adam = "adam"
+    sgd = "sgd"
+
+
+class NonFinitePolicy(str, enum.Enum):
+    stop = "stop"
+    skip = "skip"
 
 
 @dataclass
@@ -8,7 +31,7 @@ class ScheduleConfig:
     """optimizer.schedule: the learning rate as a function of the global step (effnet_exp/training/schedules.py)."""
     # constant | exponential (the reference: optional linear warmup, then lr * decay_rate^(epoch / decay_epochs))
     # | cosine (optional linear warmup, then half a cosine from lr down to 0 at the last step).
-    name: str = "constant"
+    name: ScheduleName = ScheduleName.constant
     # Linear warmup from 0 over this many epochs (any schedule).
     warmup_epochs: float = 0.0
     # exponential: multiply by decay_rate every decay_epochs (staircase: in whole steps of decay_epochs).
@@ -21,7 +44,7 @@ class ScheduleConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd_nesterov"  # sgd_nesterov | momentum | rmsprop | adam | sgd
+    name: OptimizerName = OptimizerName.sgd_nesterov
     lr: float = 1e-4
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     momentum: float = 0.9
@@ -47,7 +70,7 @@ class TrainConfig:
     # Evaluate every N steps; the best checkpoint by eval top-1 is kept in checkpoints/best/.
     eval_every: Optional[int] = None
     # A NaN/Inf loss: "stop" at once, or "skip" the update and stop after max_nonfinite_steps in a row.
-    nonfinite_policy: str = "stop"
+    nonfinite_policy: NonFinitePolicy = NonFinitePolicy.stop
     max_nonfinite_steps: int = 5
     # Fine-tuning: train only the classifier head, and/or keep batch norm in inference mode.
     freeze_backbone: bool = False
@@ -78,3 +101,47 @@ class EvalConfig:
     checkpoint: Optional[str] = None
     # Evaluate the checkpoint's /ExponentialMovingAverage weights when it has them (false: the raw weights).
     use_ema: bool = True
+
+
+def check_optimizer(cfg):
+    if cfg.lr < 0:
+        raise UserError("optimizer.lr={} must be >= 0".format(cfg.lr))
+    schedule = cfg.schedule
+    if schedule.warmup_epochs < 0:
+        raise UserError("optimizer.schedule.warmup_epochs={} must be >= 0".format(schedule.warmup_epochs))
+    if schedule.name == ScheduleName.exponential:
+        if schedule.decay_epochs <= 0:
+            raise UserError("optimizer.schedule.decay_epochs={} must be > 0".format(schedule.decay_epochs))
+        if not 0 < schedule.decay_rate <= 1:
+            raise UserError("optimizer.schedule.decay_rate={} must be in (0, 1]".format(schedule.decay_rate))
+    if schedule.scale_batch < 0:
+        raise UserError("optimizer.schedule.scale_batch={} must be >= 0 (0: no scaling)".format(
+            schedule.scale_batch))
+
+
+def check_train(cfg):
+    if cfg.batch_size < 1:
+        raise UserError("train.batch_size={} must be at least 1".format(cfg.batch_size))
+    if cfg.steps is None and cfg.epochs is None:
+        raise UserError("set train.steps or train.epochs")
+    if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
+        raise UserError("train.steps must be >= 1 and train.epochs > 0 (got {}, {})".format(cfg.steps, cfg.epochs))
+    for key, value in (("log_every", cfg.log_every), ("keep_checkpoint_max", cfg.keep_checkpoint_max),
+                       ("max_nonfinite_steps", cfg.max_nonfinite_steps)):
+        if value < 1:
+            raise UserError("train.{}={} must be at least 1".format(key, value))
+    if cfg.checkpoint_every < 0 or (cfg.eval_every or 0) < 0:
+        raise UserError("train.checkpoint_every and train.eval_every must be >= 0 (0: off)")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError("train.label_smoothing={} must be in [0, 1)".format(cfg.label_smoothing))
+    if cfg.weight_decay < 0:
+        raise UserError("train.weight_decay={} must be >= 0".format(cfg.weight_decay))
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise UserError("train.ema_decay={} must be in (0, 1), or null for no moving average".format(cfg.ema_decay))
+    if cfg.clip_grad_norm is not None and cfg.clip_grad_norm <= 0:
+        raise UserError("train.clip_grad_norm={} must be > 0, or null for no clipping".format(cfg.clip_grad_norm))
+
+
+def check_eval(cfg):
+    if cfg.batch_size < 1:
+        raise UserError("eval.batch_size={} must be at least 1".format(cfg.batch_size))

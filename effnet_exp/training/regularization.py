@@ -1,25 +1,11 @@
 """The recipe's regularisers: L2 weight decay, gradient clipping and an exponential moving average of the weights."""
 import tensorflow as tf
 
-from effnet_exp.errors import UserError
 from effnet_exp.model.restore import EMA_SUFFIX
 
 # Batch-norm parameters live under .../tpu_batch_normalization*/gamma|beta (and batch_normalization* in
 # other builders); the reference excludes every variable whose name contains batch_normalization.
 BATCH_NORM_MARK = "batch_normalization"
-
-
-def check_recipe_config(train_cfg):
-    if not 0 <= train_cfg.label_smoothing < 1:
-        raise UserError("train.label_smoothing={} must be in [0, 1)".format(train_cfg.label_smoothing))
-    if train_cfg.weight_decay < 0:
-        raise UserError("train.weight_decay={} must be >= 0".format(train_cfg.weight_decay))
-    if train_cfg.ema_decay is not None and not 0 < train_cfg.ema_decay < 1:
-        raise UserError("train.ema_decay={} must be in (0, 1), or null for no moving average".format(
-            train_cfg.ema_decay))
-    if train_cfg.clip_grad_norm is not None and train_cfg.clip_grad_norm <= 0:
-        raise UserError("train.clip_grad_norm={} must be > 0, or null for no clipping".format(
-            train_cfg.clip_grad_norm))
 
 
 def decayed_variables(variables):

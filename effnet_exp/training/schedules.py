@@ -13,32 +13,14 @@ import math
 
 import tensorflow as tf
 
-from effnet_exp.errors import UserError
-
-SCHEDULES = ("constant", "exponential", "cosine")
-
-
-def check_schedule_config(schedule):
-    if schedule.name not in SCHEDULES:
-        raise UserError("optimizer.schedule.name={!r} is not one of {}".format(schedule.name, ", ".join(SCHEDULES)))
-    if schedule.warmup_epochs < 0:
-        raise UserError("optimizer.schedule.warmup_epochs={} must be >= 0".format(schedule.warmup_epochs))
-    if schedule.name == "exponential":
-        if schedule.decay_epochs <= 0:
-            raise UserError("optimizer.schedule.decay_epochs={} must be > 0".format(schedule.decay_epochs))
-        if not 0 < schedule.decay_rate <= 1:
-            raise UserError("optimizer.schedule.decay_rate={} must be in (0, 1]".format(schedule.decay_rate))
-    if schedule.scale_batch < 0:
-        raise UserError("optimizer.schedule.scale_batch={} must be >= 0 (0: no scaling)".format(
-            schedule.scale_batch))
-
+from effnet_exp.training.config import ScheduleName
 
 class Schedule(object):
     """The schedule in steps: base_lr, warmup_steps, decay_steps, total_steps."""
 
     def __init__(self, opt_cfg, global_batch, steps_per_epoch, total_steps):
         cfg = opt_cfg.schedule
-        self.name = cfg.name
+        self.name = ScheduleName(cfg.name)
         self.base_lr = float(opt_cfg.lr)
         if cfg.scale_batch:
             self.base_lr *= float(global_batch) / cfg.scale_batch
@@ -49,10 +31,10 @@ class Schedule(object):
         self.total_steps = max(int(total_steps), self.warmup_steps + 1)
 
     def describe(self):
-        text = "learning rate {:.4g} ({})".format(self.base_lr, self.name)
-        if self.name == "exponential":
+        text = "learning rate {:.4g} ({})".format(self.base_lr, self.name.value)
+        if self.name == ScheduleName.exponential:
             text += ", x{} every {:.1f} steps".format(self.decay_rate, self.decay_steps)
-        elif self.name == "cosine":
+        elif self.name == ScheduleName.cosine:
             text += " to 0 at step {}".format(self.total_steps)
         if self.warmup_steps:
             text += ", linear warmup over {} steps".format(self.warmup_steps)
@@ -63,10 +45,10 @@ class Schedule(object):
         step = float(step)
         if self.warmup_steps and step < self.warmup_steps:
             return self.base_lr * step / self.warmup_steps
-        if self.name == "exponential":
+        if self.name == ScheduleName.exponential:
             exponent = step / self.decay_steps
             return self.base_lr * self.decay_rate ** (math.floor(exponent) if self.staircase else exponent)
-        if self.name == "cosine":
+        if self.name == ScheduleName.cosine:
             progress = min((step - self.warmup_steps) / (self.total_steps - self.warmup_steps), 1.0)
             return 0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress))
         return self.base_lr
@@ -74,16 +56,16 @@ class Schedule(object):
     def tensor(self, global_step):
         """The same rate as a float32 tensor of the global step."""
         with tf.name_scope("learning_rate"):
-            if self.name == "constant" and not self.warmup_steps:
+            if self.name == ScheduleName.constant and not self.warmup_steps:
                 return tf.constant(self.base_lr, tf.float32, name="learning_rate")
             step = tf.cast(global_step, tf.float64)
             base = tf.constant(self.base_lr, tf.float64)
-            if self.name == "exponential":
+            if self.name == ScheduleName.exponential:
                 exponent = step / self.decay_steps
                 if self.staircase:
                     exponent = tf.floor(exponent)
                 lr = base * tf.pow(tf.constant(self.decay_rate, tf.float64), exponent)
-            elif self.name == "cosine":
+            elif self.name == ScheduleName.cosine:
                 progress = tf.minimum((step - self.warmup_steps) / float(self.total_steps - self.warmup_steps), 1.0)
                 lr = 0.5 * base * (1.0 + tf.cos(math.pi * progress))
             else:

@@ -10,7 +10,7 @@
   <run folder>/worker_<id>/ (run.log, metrics.jsonl, curves.png) and reads the chief's checkpoints to resume, so
   the run folder must be on a file system all workers see under the same path.
 
-What is replicated is Trainer.build_step: forward pass, loss and the optimizer update, once per replica. Under a
+What is replicated is training/step.py's replica step: forward pass, loss and the optimizer update, once per replica. Under a
 strategy train.batch_size is the GLOBAL batch: every worker reads the same input stream as a single-device run
 (same records, crops and flips; a resume starts after step * global batch records) and each replica takes its
 contiguous slice of every global batch, so the replicas of one step see exactly the single-device batch. Each
@@ -21,7 +21,6 @@ replica in the forward pass; the moving averages are updated with the mean over 
 usual names. Each worker decodes its whole global batch before taking its slice (like tf.data's
 AutoShardPolicy.DATA): exact, but the input pipeline does W times the work on W workers.
 
-No TensorFlow import at module level (TF_CONFIG parsing and the config check run before any graph work).
 """
 import contextlib
 import json
@@ -29,22 +28,19 @@ import logging
 import os
 from collections import namedtuple
 
+import tensorflow as tf
+
+from effnet_exp.devices.config import Strategy
+from effnet_exp.devices.placement import Placement
 from effnet_exp.errors import UserError
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("none", "mirrored", "multi_worker")
-TRAINING_MODES = ("train_eval", "train")
 
 TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                      '"task": {"type": "worker", "index": 0}}\'')
 
 # This process's task in TF_CONFIG: id is its place in chief + workers (chief first), count their number.
 WorkerTask = namedtuple("WorkerTask", ["type", "index", "id", "count", "chief", "cluster"])
-
-
-def strategy_name(device_cfg):
-    return getattr(device_cfg, "strategy", None) or "none"
 
 
 def read_tf_config(environ=None):
@@ -80,27 +76,17 @@ def read_tf_config(environ=None):
                       {"chief": chiefs, "worker": workers} if chiefs else {"worker": workers})
 
 
-def is_multi_worker_chief(device_cfg, environ=None):
-    """False only for a multi_worker task other than the chief (used by ascend_env.is_chief)."""
-    if strategy_name(device_cfg) != "multi_worker":
-        return True
-    return read_tf_config(environ).chief
-
-
 def _visible_gpus(device_cfg):
-    if getattr(device_cfg, "visible_devices", None) not in (None, ""):
+    if device_cfg.name == "gpu" and device_cfg.visible_devices not in (None, ""):
         return len([d for d in str(device_cfg.visible_devices).split(",") if d.strip()])
-    import tensorflow as tf
-
     return len(tf.config.experimental.list_physical_devices("GPU"))
 
 
 def replica_count(device_cfg, environ=None):
     """Replicas in sync under device.strategy (1 without one); UserError when it cannot be had here."""
-    name = strategy_name(device_cfg)
-    if name == "none":
+    if device_cfg.strategy == Strategy.none:
         return 1
-    if name == "mirrored":
+    if device_cfg.strategy == Strategy.mirrored:
         if device_cfg.replicas > 0:
             if device_cfg.name == "gpu" and device_cfg.replicas > _visible_gpus(device_cfg):
                 raise UserError("device.replicas={} but only {} GPU(s) are visible".format(
@@ -119,82 +105,6 @@ def replica_count(device_cfg, environ=None):
     return task.count * max(per_worker, 1)
 
 
-def check_strategy_config(cfg, environ=None):
-    """device.strategy / device.replicas, TF_CONFIG, the batch split and what a strategy cannot do yet: one
-    UserError naming the fields, before any graph or checkpoint exists."""
-    device = cfg.device
-    name = strategy_name(device)
-    if name not in STRATEGIES:
-        raise UserError("device.strategy={!r} is not one of {}".format(name, ", ".join(STRATEGIES)))
-    replicas = getattr(device, "replicas", 0)
-    if replicas < 0:
-        raise UserError("device.replicas={} must be >= 0".format(replicas))
-    if name == "none":
-        if replicas:
-            raise UserError("device.replicas={} needs device.strategy=mirrored".format(replicas))
-        return
-    if device.name == "ascend":
-        raise UserError("device=ascend has its own data parallelism (python -m effnet_exp.tools.launch_ascend); "
-                        "device.strategy={} is for device=cpu|gpu".format(name))
-    if name == "multi_worker" and replicas:
-        raise UserError("device.strategy=multi_worker takes device.replicas=0: each worker replicates over all "
-                        "its GPUs (limit them with CUDA_VISIBLE_DEVICES) or its CPU")
-    mode = getattr(cfg.mode, "value", cfg.mode)
-    if mode not in TRAINING_MODES:
-        return  # evaluation, prediction and export run on one device
-    if device.xla:
-        raise UserError("device.strategy={} cannot be combined with device.xla=true (not supported yet: unset it or "
-                        "use device.strategy=none)".format(name))
-    count = replica_count(device, environ)
-    batch = cfg.train.batch_size
-    if batch % count:
-        if name == "mirrored":
-            where = "device.replicas={}".format(replicas)
-        else:
-            workers = read_tf_config(environ).count
-            where = "{} worker(s) in TF_CONFIG x {} replica(s) each".format(workers, count // workers)
-        raise UserError("train.batch_size={} is not divisible by the {} replicas of device.strategy={} ({}); under a "
-                        "strategy train.batch_size is the global batch, split evenly over the replicas".format(
-                            batch, count, name, where))
-
-
-def worker_run_dir(run_dir, device_cfg, environ=None):
-    """The folder this process writes: the run folder, or <run folder>/worker_<id>/ for a multi_worker task other
-    than the chief, whose run.log (Hydra's file handler) moves there too."""
-    if is_multi_worker_chief(device_cfg, environ):
-        return run_dir
-    task = read_tf_config(environ)
-    own = os.path.join(run_dir, "worker_{}".format(task.id))
-    if not os.path.isdir(own):
-        os.makedirs(own)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and os.path.dirname(handler.baseFilename) == \
-                os.path.abspath(run_dir):
-            moved = logging.FileHandler(os.path.join(own, os.path.basename(handler.baseFilename)))
-            moved.setLevel(handler.level)
-            moved.setFormatter(handler.formatter)
-            root.removeHandler(handler)
-            handler.close()
-            root.addHandler(moved)
-    log.info("multi_worker: task %s:%d is not the chief; it writes only %s", task.type, task.index, own)
-    return own
-
-
-def chief_run_dir(run_dir, device_cfg, environ=None):
-    """The run folder whose checkpoints this process resumes from (the chief's, for the other workers)."""
-    if is_multi_worker_chief(device_cfg, environ):
-        return run_dir
-    return os.path.dirname(os.path.abspath(run_dir))
-
-
-def make_replicas(device_cfg, environ=None):
-    """Replicated(...) under device.strategy, else SingleDevice()."""
-    if strategy_name(device_cfg) == "none":
-        return SingleDevice()
-    return Replicated(device_cfg, environ)
-
-
 class SingleDevice(object):
     """The training graph without a strategy: one iterator, one step, one local session."""
 
@@ -205,8 +115,6 @@ class SingleDevice(object):
 
     def input_iterator(self, dataset_fn, global_batch):
         """(initializer op, (images, labels)) of dataset_fn()'s batches."""
-        import tensorflow as tf
-
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset_fn())
         return iterator.initializer, iterator.get_next()
 
@@ -214,12 +122,17 @@ class SingleDevice(object):
         return step_fn(*(tuple(inputs) + shared))
 
     def session(self, graph, config):
-        import tensorflow as tf
-
         return tf.compat.v1.Session(graph=graph, config=config)
 
-    def log_layout(self, train_cfg, opt_cfg, schedule):
-        pass
+    def apply_if_finite(self, optimizer, grads_and_vars, finite, global_step):
+        """The update only when `finite`; the step counts either way."""
+        def apply():
+            return optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+
+        def skip():
+            return tf.group(tf.compat.v1.assign_add(global_step, 1))
+
+        return tf.cond(finite, apply, skip)
 
     def watch_copies(self):
         pass
@@ -246,13 +159,11 @@ class Replicated(object):
     """A tf.distribute strategy around the training graph (build everything inside scope())."""
 
     def __init__(self, device_cfg, environ=None):
-        import tensorflow as tf
-
-        self.name = strategy_name(device_cfg)
+        self.name = device_cfg.strategy.value
         self.device_cfg = device_cfg
         self.task = None
         self.cpu_devices = 0
-        if self.name == "mirrored":
+        if device_cfg.strategy == Strategy.mirrored:
             count = replica_count(device_cfg, environ)
             kind = "gpu" if device_cfg.name == "gpu" else "cpu"
             self.cpu_devices = count if kind == "cpu" else 0
@@ -296,7 +207,6 @@ class Replicated(object):
     def run(self, step_fn, inputs, *shared):
         """step_fn(images, labels, *shared) on every replica (shared values, e.g. the global step, are captured,
         not split); returns build_step's dict for the whole step: the grouped update and replica means."""
-        import tensorflow as tf
 
         def replica_fn(*per_replica):
             return step_fn(*(tuple(per_replica) + shared))
@@ -320,7 +230,6 @@ class Replicated(object):
 
     def _copies_op(self):
         """(largest |difference| between a variable's local copies, float64 checksum of the first copies)."""
-        import tensorflow as tf
 
         diffs, sums, self._copied = [], [], 0
         with tf.name_scope("replica_copies"):
@@ -336,8 +245,6 @@ class Replicated(object):
             return spread, tf.add_n(sums) if sums else tf.constant(0.0, tf.float64)
 
     def session(self, graph, config):
-        import tensorflow as tf
-
         config_copy = tf.compat.v1.ConfigProto()
         config_copy.CopyFrom(config)
         if self.cpu_devices:
@@ -352,22 +259,6 @@ class Replicated(object):
             target = _SERVERS[key].target
         return tf.compat.v1.Session(target=target, graph=graph, config=config_copy)
 
-    def log_layout(self, train_cfg, opt_cfg, schedule):
-        global_batch = train_cfg.batch_size
-        if self.task is None:
-            where = "{} replicas on {}".format(self.count, ", ".join(self.local_devices))
-        else:
-            where = "{} replicas in all, this is {}:{} (worker {} of {}{}) with {}".format(
-                self.count, self.task.type, self.task.index, self.task.id, self.task.count,
-                ", the chief" if self.task.chief else "", ", ".join(self.local_devices))
-        scale = opt_cfg.schedule.scale_batch
-        scaling = ("optimizer.lr {:g} x global batch {} / optimizer.schedule.scale_batch {}".format(
-            opt_cfg.lr, global_batch, scale) if scale else
-            "optimizer.lr as given, not scaled with the batch (optimizer.schedule.scale_batch=0)")
-        log.info("tf.distribute %s: %s; global batch %d = %d per replica x %d; %s = %s; gradients summed over the "
-                 "replicas (each loss / %d), batch-norm statistics per replica", self.name, where, global_batch,
-                 global_batch // self.count, self.count, schedule.describe(), scaling, self.count)
-
     def report_copies(self, sess, step):
         """Logs whether the local copies of every variable are still identical, and a checksum of the weights
         (the same on every worker when the workers agree)."""
@@ -377,12 +268,34 @@ class Replicated(object):
                 "weights checksum %.10g", step, self._copied, len(self.local_devices),
                 "agree" if spread == 0 else "DIFFER", spread, checksum)
 
+    def apply_if_finite(self, optimizer, grads_and_vars, finite, global_step):
+        """train.nonfinite_policy=skip under a strategy, called in the replica context: the replicas' update only
+        when every replica's loss and gradients are finite, else none at all (the step counts either way). The
+        condition cannot sit inside a replica (apply_gradients all-reduces, and a replica that skipped it would
+        leave the others waiting), so it is taken once, in the cross-replica context, around the replicas'
+        apply_gradients."""
+        def merge(strategy, all_finite, grads_and_vars):
+            def apply():
+                updates = strategy.extended.call_for_each_replica(
+                    optimizer.apply_gradients, args=(grads_and_vars,), kwargs={"global_step": global_step})
+                with tf.control_dependencies(strategy.experimental_local_results(updates)):
+                    return tf.constant(True)
+
+            def skip():
+                with tf.control_dependencies([global_step.assign_add(1, read_value=False)]):
+                    return tf.constant(False)
+
+            # The same value on every replica: take the first's.
+            return tf.cond(strategy.experimental_local_results(all_finite)[0], apply, skip)
+
+        applied = tf.distribute.get_replica_context().merge_call(merge, args=(all_replicas_finite(finite),
+                                                                              grads_and_vars))
+        return tf.group(applied, name="apply_if_all_finite")
+
 
 def all_replicas_finite(finite):
     """In the replica context: True on every replica when `finite` is True on all replicas of all workers (their
     "not finite" flags summed by one all-reduce); `finite` itself without a strategy."""
-    import tensorflow as tf
-
     if not tf.distribute.has_strategy():
         return finite
 
@@ -393,27 +306,12 @@ def all_replicas_finite(finite):
     return tf.equal(tf.distribute.get_replica_context().merge_call(merge, args=(nonfinite,)), 0.0)
 
 
-def apply_if_all_finite(optimizer, grads_and_vars, finite, global_step):
-    """train.nonfinite_policy=skip under a strategy, called in the replica context: the replicas' update only when
-    every replica's loss and gradients are finite, else none at all (the step counts either way). The condition
-    cannot sit inside a replica (apply_gradients all-reduces, and a replica that skipped it would leave the others
-    waiting), so it is taken once, in the cross-replica context, around the replicas' apply_gradients."""
-    import tensorflow as tf
-
-    def merge(strategy, all_finite, grads_and_vars):
-        def apply():
-            updates = strategy.extended.call_for_each_replica(
-                optimizer.apply_gradients, args=(grads_and_vars,), kwargs={"global_step": global_step})
-            with tf.control_dependencies(strategy.experimental_local_results(updates)):
-                return tf.constant(True)
-
-        def skip():
-            with tf.control_dependencies([global_step.assign_add(1, read_value=False)]):
-                return tf.constant(False)
-
-        # The same value on every replica: take the first's.
-        return tf.cond(strategy.experimental_local_results(all_finite)[0], apply, skip)
-
-    applied = tf.distribute.get_replica_context().merge_call(merge, args=(all_replicas_finite(finite),
-                                                                          grads_and_vars))
-    return tf.group(applied, name="apply_if_all_finite")
+def placement(device_cfg, environ=None):
+    """This process's Placement under device.strategy: every worker reads the global stream (one input shard)."""
+    count = replica_count(device_cfg, environ)
+    if device_cfg.strategy == Strategy.mirrored:
+        return Placement(replicas=count, processes=1, rank=0, chief=True, input_shards=1, input_shard=0,
+                         folder=None)
+    task = read_tf_config(environ)
+    return Placement(replicas=count, processes=task.count, rank=task.id, chief=task.chief, input_shards=1,
+                     input_shard=0, folder=None if task.chief else "worker_{}".format(task.id))
