@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from effnet_exp.config import register_configs
+from effnet_exp.reporting.console import quiet_console
 from effnet_exp.resume import pick_run_dir
 
 register_configs()
@@ -17,6 +18,8 @@ OmegaConf.register_new_resolver("run_dir", pick_run_dir)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    quiet_console()
+    # Imported after quiet_console(), which loads TensorFlow with the console's settings.
     from effnet_exp.experiment import run_from_hydra
 
     return run_from_hydra(cfg)

@@ -7,6 +7,8 @@ Both sides get the same random batch already in memory, the same optimizer (SGD 
 0.9), batch, resolution, thread settings and warm-up; the two sides take turns for --rounds rounds, and each
 figure is the median over the rounds of the median over --steps timed steps.
 Keras 3 runs only on the TF 2.x stack (keras.applications.EfficientNetB0..B7, weights=None).
+The machine's float32 matrix-multiply rate is measured in the same rounds, timed the same way, in a session
+with our model's thread settings; for B0 at 224x224 each throughput is also given as a fraction of that rate.
 """
 import argparse
 import json
@@ -18,8 +20,17 @@ import time
 
 import numpy as np
 
+# FLOPs of one EfficientNet-B0 image at 224x224 (a multiply-add counts 2), for the fraction of the matmul rate.
+# Eval (forward): model_flops() counts 0.79 GFLOP on our inference graph, 0.77 of them in the convolutions and
+# the classifier (the paper's 0.39 B multiply-adds). Train ~= 3x forward: the backward pass computes the
+# gradients of the activations and of the weights, each about one forward pass (TensorFlow's profiler counts
+# 2.23 GFLOP on our gradient graph, plus 0.14 for the depthwise-convolution gradients it has no formula for).
+B0_EVAL_GFLOP_PER_IMAGE = 0.78
+B0_TRAIN_GFLOP_PER_IMAGE = 3 * B0_EVAL_GFLOP_PER_IMAGE
 
-def _median_rate(fn, batch, steps, warmup):
+
+def _median_rate(fn, units, steps, warmup):
+    """units (images, FLOPs) per second of fn, which processes `units` per call: the median of `steps` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -27,7 +38,7 @@ def _median_rate(fn, batch, steps, warmup):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return batch / float(np.median(times))
+    return units / float(np.median(times))
 
 
 def model_config(name, image_size, num_classes=1000):
@@ -87,29 +98,65 @@ def ours(model_name, batch, image_size, threads, xla_swish_grad=True):
     return steps
 
 
-def rates_in_rounds(sides, batch, steps, warmup, rounds):
-    """{side: {"train": images/s, "eval": images/s}}: the sides take turns, round after round (so a slow
-    spell of the machine hits both), each measurement the median of `steps` timed steps; the result is
-    the median over the rounds."""
-    measured = {side: {"train": [], "eval": []} for side in sides}
+def matmul_step(size, threads):
+    """One call multiplies two size x size float32 matrices held in variables, in a session configured as
+    ours(). The product is summed (size**2 more additions) so that Grappler cannot prune the multiply and no
+    matrix is copied to the host."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(0)
+    graph = tf.Graph()
+    with graph.as_default():
+        a, b = (tf.compat.v1.get_variable(name, initializer=rng.uniform(-1, 1, (size, size)).astype(np.float32),
+                                          trainable=False) for name in ("a", "b"))
+        op = tf.reduce_sum(tf.matmul(a, b))
+        init = tf.compat.v1.global_variables_initializer()
+    sess = tf.compat.v1.Session(graph=graph, config=session_config(threads))
+    sess.run(init)
+    return lambda: sess.run(op)
+
+
+def rates_in_rounds(sides, steps, warmup, rounds):
+    """{side: {kind: units/s}} for sides = {side: (units per call, {kind: step})}: the sides take turns,
+    round after round (so a slow spell of the machine hits all), each measurement the median of `steps` timed
+    steps; the result is the median over the rounds."""
+    measured = {side: {kind: [] for kind in fns} for side, (_, fns) in sides.items()}
     for _ in range(rounds):
-        for side, fns in sides.items():
-            for kind in ("train", "eval"):
-                measured[side][kind].append(_median_rate(fns[kind], batch, steps, warmup))
+        for side, (units, fns) in sides.items():
+            for kind, fn in fns.items():
+                measured[side][kind].append(_median_rate(fn, units, steps, warmup))
     return {side: {kind: float(np.median(values)) for kind, values in kinds.items()}
             for side, kinds in measured.items()}
 
 
+def gflop_per_image(model_name, image_size):
+    """{"train": GFLOP, "eval": GFLOP} of one image, known for B0 at 224x224 only (else None)."""
+    if (model_name, image_size) != ("efficientnet_b0", 224):
+        return None
+    return {"train": B0_TRAIN_GFLOP_PER_IMAGE, "eval": B0_EVAL_GFLOP_PER_IMAGE}
+
+
+def fraction_of(images_per_sec, gflop, matmul_gflops_per_sec):
+    """The share of the matmul rate that images_per_sec of gflop each amount to, or None if either is unknown."""
+    if images_per_sec is None or gflop is None:
+        return None
+    return images_per_sec * gflop / matmul_gflops_per_sec
+
+
 def model_flops(model_name, image_size):
-    """Floating-point operations of one image's forward pass, counted by TensorFlow's profiler."""
+    """Floating-point operations of one image's forward pass, counted by TensorFlow's profiler on the ops the
+    logits depend on (the inference graph also holds each convolution as built, before batch norm was folded
+    into a copy of it)."""
     import tensorflow as tf
 
     from effnet_exp.model.efficientnet import build_efficientnet
 
-    graph = tf.Graph()
-    with graph.as_default():
-        build_efficientnet(tf.zeros([1, image_size, image_size, 3]), model_config(model_name, image_size),
-                           is_training=False)
+    with tf.Graph().as_default() as built:
+        logits, _ = build_efficientnet(tf.zeros([1, image_size, image_size, 3]),
+                                       model_config(model_name, image_size), is_training=False)
+    needed = tf.compat.v1.graph_util.extract_sub_graph(built.as_graph_def(), [logits.op.name])
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(needed, name="")
         options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
         options["output"] = "none"
         return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
@@ -173,12 +220,14 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="ours and Keras take turns this many times")
+    parser.add_argument("--rounds", type=int, default=3, help="ours, Keras and the matmul take turns this many times")
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--inter-threads", type=int, default=0)
     parser.add_argument("--no-keras", action="store_true")
     parser.add_argument("--no-xla-swish-grad", action="store_true",
                         help="our training graph with TensorFlow's own swish gradient (device.xla_swish_grad=false)")
+    parser.add_argument("--matmul-size", type=int, default=2048,
+                        help="the square float32 matrix multiply that measures the machine's rate")
     parser.add_argument("--scaling", action="store_true", help="also time B0-B3 against their FLOPs")
     parser.add_argument("--scaling-batch", type=int, default=4)
     parser.add_argument("--json", help="write the results here")
@@ -189,14 +238,17 @@ def main(argv=None):
 
     threads = (args.intra_threads, args.inter_threads)
     xla_swish_grad = not args.no_xla_swish_grad
-    sides = {"ours": ours(args.model, args.batch_size, args.image_size, threads, xla_swish_grad)}
+    sides = {"ours": (args.batch_size, ours(args.model, args.batch_size, args.image_size, threads, xla_swish_grad))}
     keras = None if args.no_keras else keras_steps(args.model, args.batch_size, args.image_size, threads)
     if keras:
-        sides["keras"] = keras
-    rates = rates_in_rounds(sides, args.batch_size, args.steps, args.warmup, args.rounds)
+        sides["keras"] = (args.batch_size, keras)
+    sides["matmul"] = (2 * args.matmul_size ** 3, {"flops": matmul_step(args.matmul_size, threads)})
+    rates = rates_in_rounds(sides, args.steps, args.warmup, args.rounds)
     train, evaluate = rates["ours"]["train"], rates["ours"]["eval"]
     keras_train = rates["keras"]["train"] if keras else None
     keras_eval = rates["keras"]["eval"] if keras else None
+    matmul = rates["matmul"]["flops"] / 1e9
+    gflop = gflop_per_image(args.model, args.image_size) or {"train": None, "eval": None}
     results = {
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
         "steps": args.steps, "rounds": args.rounds, "tf_version": tf.__version__,
@@ -206,6 +258,12 @@ def main(argv=None):
         "keras_train_images_per_sec": keras_train, "keras_eval_images_per_sec": keras_eval,
         "train_ratio": train / keras_train if keras_train else None,
         "eval_ratio": evaluate / keras_eval if keras_eval else None,
+        "matmul_size": args.matmul_size, "matmul_gflops_per_sec": matmul,
+        "train_gflop_per_image": gflop["train"], "eval_gflop_per_image": gflop["eval"],
+        "train_fraction_of_matmul": fraction_of(train, gflop["train"], matmul),
+        "eval_fraction_of_matmul": fraction_of(evaluate, gflop["eval"], matmul),
+        "keras_train_fraction_of_matmul": fraction_of(keras_train, gflop["train"], matmul),
+        "keras_eval_fraction_of_matmul": fraction_of(keras_eval, gflop["eval"], matmul),
         "pipeline_images_per_sec": pipeline_rate(args.batch_size, args.image_size),
     }
     results["peak_rss_mb"] = peak_rss_mb()
@@ -215,14 +273,22 @@ def main(argv=None):
               args.image_size, args.batch_size, args.rounds, args.steps,
               ("on" if xla_swish_grad else "off") if not tf.__version__.startswith("1.") else "n/a on TF 1.x"))
 
+    per_image = ("images/s x {:.2f} GFLOP per image (train) or {:.2f} (eval)".format(gflop["train"], gflop["eval"])
+                 if gflop["train"] else "given for efficientnet_b0 at 224x224 only")
+    print("float32 matmul {0}x{0} in our session: {1:.1f} GFLOP/s, the median as above; % of matmul = {2}".format(
+        args.matmul_size, matmul, per_image))
+
     def fmt(v, spec="{:.1f}"):
         return "-" if v is None else spec.format(v)
 
-    print("| | ours (img/s) | Keras 3 (img/s) | ours / Keras |")
-    print("|---|---|---|---|")
-    print("| train | {} | {} | {} |".format(fmt(train), fmt(keras_train), fmt(results["train_ratio"], "{:.2f}x")))
-    print("| eval | {} | {} | {} |".format(fmt(evaluate), fmt(keras_eval), fmt(results["eval_ratio"], "{:.2f}x")))
-    print("| input pipeline (train preprocessing) | {} | | |".format(fmt(results["pipeline_images_per_sec"])))
+    print("| | ours (img/s) | ours (% of matmul) | Keras 3 (img/s) | Keras 3 (% of matmul) | ours / Keras |")
+    print("|---|---|---|---|---|---|")
+    for kind, ours_rate, keras_rate in (("train", train, keras_train), ("eval", evaluate, keras_eval)):
+        print("| {} | {} | {} | {} | {} | {} |".format(
+            kind, fmt(ours_rate), fmt(results[kind + "_fraction_of_matmul"], "{:.0%}"), fmt(keras_rate),
+            fmt(results["keras_{}_fraction_of_matmul".format(kind)], "{:.0%}"),
+            fmt(results[kind + "_ratio"], "{:.2f}x")))
+    print("| input pipeline (train preprocessing) | {} | | | | |".format(fmt(results["pipeline_images_per_sec"])))
     print("peak RSS {:.0f} MB".format(results["peak_rss_mb"]))
 
     if args.scaling:
@@ -230,8 +296,8 @@ def main(argv=None):
         for variant in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
             size = model_config(variant, None).resolution
             flops = model_flops(variant, size)
-            scaled = rates_in_rounds({"ours": ours(variant, args.scaling_batch, size, threads, xla_swish_grad)},
-                                     args.scaling_batch, max(3, args.steps // 2), 1, 1)["ours"]
+            steps = ours(variant, args.scaling_batch, size, threads, xla_swish_grad)
+            scaled = rates_in_rounds({"ours": (args.scaling_batch, steps)}, max(3, args.steps // 2), 1, 1)["ours"]
             tr, ev = scaled["train"], scaled["eval"]
             rows.append({"model": variant, "image_size": size, "gflops": flops / 1e9,
                          "train_ms_per_image": 1000.0 / tr, "eval_ms_per_image": 1000.0 / ev})
