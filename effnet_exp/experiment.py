@@ -41,8 +41,8 @@ class Experiment(object):
         if cfg.mode == Mode.predict and not cfg.predict.images:
             raise UserError("mode=predict needs predict.images=[a.jpg,b.png]")
         if cfg.mode == Mode.export:
-            from effnet_exp.export.config import check_export_config
-            check_export_config(cfg.export)
+            from effnet_exp.export.config import check_export
+            check_export(cfg.export)
         if cfg.train.batch_size < 1 or cfg.eval.batch_size < 1:
             raise UserError("train.batch_size and eval.batch_size must be at least 1")
         if cfg.train.steps is None and cfg.train.epochs is None:
@@ -149,13 +149,14 @@ class Experiment(object):
 
     def _predict(self, session_config):
         from effnet_exp.inference.predictor import Predictor, report
+        from effnet_exp.model.config import Weights
 
         cfg = self.cfg
         checkpoint, class_names = self._checkpoint_model()
         class_names = self._inference_class_names(class_names)
         results = Predictor(cfg.model, self.image_size, cfg.dataset.normalization, cfg.dataset.crop_padding,
                             class_names, session_config).predict(
-            checkpoint, list(cfg.predict.images), cfg.predict.top_k, cfg.model.pretrained_weights)
+            checkpoint, list(cfg.predict.images), cfg.predict.top_k, cfg.model.pretrained_weights == Weights.ema)
         failed = report(results, self.run_dir)
         if failed:
             raise UserError("{} of {} images could not be predicted (see predictions.json)".format(
