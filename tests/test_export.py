@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_py
+from effnet_exp.data.config import Normalization
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.errors import UserError
 from effnet_exp.export.config import ExportConfig, ExportFormat, check_export
@@ -24,7 +25,7 @@ from factory import section
 
 SIZE = 32
 CLASSES = 5
-NORM = "imagenet"
+NORM = Normalization.imagenet
 TOL = 1e-5
 NAMES = ["ant", "bee", "cat", "dog", "eel"]
 

@@ -120,17 +120,16 @@ class InferenceModel(object):
     """
 
     def __init__(self, images, model_cfg, checkpoint, use_ema=True):
+        self.model_cfg = model_cfg
         self.checkpoint = checkpoint
-        self.scope = model_cfg.name
-        self._cfg = model_cfg
         self.logits, self.endpoints = build_efficientnet(images, model_cfg, is_training=False)
-        self.plan = WeightsPlan(checkpoint, model_variables(self.scope), self.scope,
+        self.plan = WeightsPlan(checkpoint, model_variables(model_cfg.name), model_cfg.name,
                                 Weights.ema if use_ema else Weights.raw)
         self._saver = self.plan.saver()
 
     def tower(self, images):
         """Logits of another input through the same (restored) variables."""
-        logits, _ = build_efficientnet(images, self._cfg, is_training=False, reuse=True)
+        logits, _ = build_efficientnet(images, self.model_cfg, is_training=False, reuse=True)
         return logits
 
     def restore(self, sess):
