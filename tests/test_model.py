@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
+from effnet_exp.errors import UserError
 from effnet_exp.model import layers
 from effnet_exp.model.blocks import (
     BlockArgs,
@@ -15,13 +16,14 @@ from effnet_exp.model.blocks import (
     round_filters,
     round_repeats,
 )
-from effnet_exp.model.config import DEFAULT_BLOCKS, ModelConfig
+from effnet_exp.model.config import DEFAULT_BLOCKS, Activation, ModelConfig, check_model, input_size
 from effnet_exp.model.efficientnet import (
     build_efficientnet,
     count_trainable_params,
     expand_block_args,
-    model_input_size,
+    stem_and_head_filters,
 )
+from factory import section
 
 # name: (width, depth, resolution, dropout, trainable params with 1000 classes)
 VARIANTS = {
@@ -133,9 +135,34 @@ def test_config_and_blocks_do_not_import_tensorflow():
 
 
 def test_model_input_size():
-    assert model_input_size(make_cfg("b3")) == 300
-    assert model_input_size(make_cfg("b3", image_size=128)) == 128
+    assert input_size(make_cfg("b3")) == 300
+    assert input_size(make_cfg("b3", image_size=128)) == 128
     assert len(expand_block_args(make_cfg("b0"))) == 16
+
+
+def test_schema_choices_are_enums_named_by_hydra():
+    model = section("model", "model=efficientnet_lite0", "model.pretrained_weights=raw")
+    assert model.activation is Activation.relu6 and model.pretrained_weights.value == "raw"
+    for key, value, allowed in (("model.activation", "mish", "relu6"), ("model.pretrained_weights", "best", "ema")):
+        with pytest.raises(Exception) as err:
+            section("model", "{}={}".format(key, value))
+        message = str(err.value) + str(err.value.__cause__)
+        assert key in message and value in message and allowed in message
+
+
+@pytest.mark.parametrize("key, value", [
+    ("blocks", ["r1_k3_s11_e1_i32_o16", "r2_k3_s2_e6_i16_o24"]),
+    ("dropout_rate", 1.0),
+    ("survival_prob", 1.5),
+    ("survival_prob", -0.1),
+])
+def test_check_model_names_key_and_value(key, value):
+    assert check_model(make_cfg("b0")).name == "efficientnet-b0"
+    with pytest.raises(UserError) as err:
+        check_model(make_cfg("b0", **{key: value}))
+    message = str(err.value)
+    assert "model." + key in message
+    assert (str(value) if key != "blocks" else "r2_k3_s2_e6_i16_o24") in message
 
 
 # --------------------------------------------------------------------------
@@ -462,16 +489,7 @@ LITE_BLOCKS = [b.replace("_se0.25", "") for b in DEFAULT_BLOCKS]
 
 def compose_model(variant, num_classes=1000):
     """conf/model/<variant>.yaml through Hydra (schema-checked), as run.py composes it."""
-    import os
-    from hydra import compose, initialize_config_dir
-
-    from effnet_exp.config import register_configs
-
-    register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        cfg = compose("config", overrides=["model=%s" % variant, "dataset.num_classes=%d" % num_classes])
-    return cfg.model
+    return section("model", "model=%s" % variant, "dataset.num_classes=%d" % num_classes)
 
 
 @pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
@@ -512,8 +530,6 @@ def test_lite_configs_and_param_counts(variant):
 
 
 def test_fix_head_stem_vs_b_scaling():
-    from effnet_exp.model.efficientnet import stem_and_head_filters
-
     # B4's coefficients, with and without fix_head_stem.
     b4 = make_cfg("b4")
     lite = make_cfg("b4", fix_head_stem=True, blocks=LITE_BLOCKS)

@@ -10,7 +10,8 @@ from conftest import TINY, run_py
 from effnet_exp.errors import UserError
 from effnet_exp.model.config import ModelConfig
 from effnet_exp.model.efficientnet import build_efficientnet
-from effnet_exp.model.restore import WeightsPlan, checkpoint_num_classes, model_variables
+from effnet_exp.model.pretrained import ensure_imported
+from effnet_exp.model.restore import InferenceModel, WeightsPlan, checkpoint_num_classes, model_variables
 
 SMALL_BLOCKS = ["r1_k3_s11_e1_i32_o16_se0.25", "r1_k3_s22_e6_i16_o24_se0.25"]
 
@@ -77,6 +78,34 @@ def test_ema_shadows_by_default_raw_on_request(tmp_path):
         np.testing.assert_array_equal(value, raw[name], err_msg=name)
 
 
+def test_inference_model_restores_ema_or_raw_and_shares_them_with_its_towers(tmp_path):
+    raw, prefix = official_like(tmp_path)
+    cfg = small_model(1000)
+    x = np.random.RandomState(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    outputs = {}
+    for use_ema in (True, False):
+        with tf.Graph().as_default() as graph:
+            images = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3])
+            model = InferenceModel(images, cfg, prefix, use_ema=use_ema)
+            with tf.compat.v1.name_scope("second"):
+                second = model.tower(images * 1.0)
+            assert model.plan.uses_ema == use_ema and ("EMA" in model.describe()) == use_ema
+            assert sorted(model.endpoints) and model.endpoints["logits"] is model.logits
+            assert len(model_variables(cfg.name)) == len(raw)  # the tower made no variables of its own
+            assert len([op for op in graph.get_operations() if op.type in ("RestoreV2", "SaveV2")]) == 2  # one saver
+            assert not graph.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)  # inference batch norm
+            graph.finalize()
+            with tf.compat.v1.Session(graph=graph) as sess:
+                model.restore(sess)
+                values = dict(zip([v.op.name for v in model_variables(cfg.name)],
+                                  sess.run(model_variables(cfg.name))))
+                outputs[use_ema] = sess.run([model.logits, second], {images: x})
+        for name, value in values.items():
+            np.testing.assert_array_equal(value, raw[name] + (1.0 if use_ema else 0.0), err_msg=name)
+        np.testing.assert_array_equal(outputs[use_ema][0], outputs[use_ema][1])
+    assert np.max(np.abs(outputs[True][0] - outputs[False][0])) > 1e-3
+
+
 def test_new_head_when_class_count_differs(tmp_path):
     raw, prefix = official_like(tmp_path)
     assert checkpoint_num_classes(prefix, "efficientnet-b0") == 1000
@@ -139,8 +168,6 @@ def test_missing_pretrained_path_is_one_line_before_any_work(tmp_path, cache_dir
 
 @pytest.mark.parametrize("freeze_backbone", [True, False])
 def test_freeze_backbone_and_batch_norm(tmp_path, cache_dir, freeze_backbone):
-    from effnet_exp.tools.import_weights import ensure_imported
-
     pretrained = tf.compat.v1.train.NewCheckpointReader(ensure_imported("efficientnet_lite0", cache_dir))
     run_dir = tmp_path / "run"
     proc = run_py(TINY + ["mode=train", "train.steps=2", "train.freeze_bn=true",

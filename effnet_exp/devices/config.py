@@ -45,7 +45,7 @@ class CpuDeviceConfig:
     # Training on TF 2.x: swish's gradient compiled by XLA into one element-wise kernel instead of six passes (B0
     # trains 16% faster on 2 CPU cores). No effect on TF 1.15, whose XLA is slower there.
     xla_swish_grad: bool = True
-    # Data parallelism with tf.distribute (effnet_exp/devices/strategy.py; cpu and gpu only): none | mirrored
+    # Data parallelism with tf.distribute (effnet_exp/devices/distribute.py; cpu and gpu only): none | mirrored
     # (device.replicas devices of this host) | multi_worker (the workers TF_CONFIG lists, each started with the
     # same command). Under a strategy train.batch_size is the global batch, split evenly over the replicas.
     strategy: Strategy = Strategy.none

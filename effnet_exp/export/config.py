@@ -1,17 +1,21 @@
-"""Typed schema of the `export` section (no TensorFlow import here) and its checks."""
+"""Typed schema of the `export` section and its checks (no TensorFlow import here)."""
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from effnet_exp.errors import UserError
 
-FORMATS = ("frozen_pb", "saved_model", "all")
+
+class ExportFormat(str, enum.Enum):
+    frozen_pb = "frozen_pb"  # model.pb (what ATC compiles)
+    saved_model = "saved_model"  # saved_model/
+    all = "all"  # both
 
 
 @dataclass
 class ExportConfig:
-    # frozen_pb (model.pb), saved_model (saved_model/), or all of them.
-    format: str = "frozen_pb"
+    format: ExportFormat = ExportFormat.frozen_pb
     # The input's batch dimension: None exports it dynamic (-1), N fixes it (what ATC compiles for).
     batch_size: Optional[int] = None
     # The checkpoint's /ExponentialMovingAverage shadows when it has them; false takes the raw weights.
@@ -28,11 +32,9 @@ class ExportConfig:
 _SOC = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def check_export_config(cfg):
+def check_export(cfg):
     """UserError naming the export.* key and value that cannot work."""
-    if cfg.format not in FORMATS:
-        raise UserError("export.format={!r} is not one of {}".format(cfg.format, ", ".join(FORMATS)))
-    if cfg.batch_size is not None and int(cfg.batch_size) < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
         raise UserError("export.batch_size={} must be at least 1, or null for a dynamic batch".format(
             cfg.batch_size))
     for soc in cfg.soc_versions:

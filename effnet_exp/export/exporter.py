@@ -6,7 +6,7 @@ the checkpoint has them and export.use_ema), and swish is spelled `x * sigmoid(x
 TFLite-style tools) see plain Sigmoid and Mul ops. The whole `export/` folder is built under a temporary
 name in the run folder and renamed into place at the end: it is there complete or not at all.
 """
-import copy
+import dataclasses
 import json
 import logging
 import os
@@ -19,9 +19,9 @@ import tensorflow as tf
 from effnet_exp.data.config import Normalization
 from effnet_exp.data.preprocessing import CROP_PADDING, normalization_constants, normalize, preprocess_for_eval
 from effnet_exp.errors import UserError
-from effnet_exp.export.config import check_export_config
-from effnet_exp.model.efficientnet import build_efficientnet
-from effnet_exp.model.restore import WeightsPlan, model_variables
+from effnet_exp.export.config import ExportFormat, check_export
+from effnet_exp.model.config import Activation
+from effnet_exp.model.restore import InferenceModel
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ SERVING_SIGNATURE = "serving_default"
 IMAGE_BYTES_SIGNATURE = "image_bytes"
 
 # Activations that have a converter-friendly spelling with the same values (and no variables of their own).
-EXPORT_ACTIVATIONS = {"swish": "swish_sigmoid", "silu": "swish_sigmoid"}
+EXPORT_ACTIVATIONS = {Activation.swish: Activation.swish_sigmoid, Activation.silu: Activation.swish_sigmoid}
 
 # Never in an exported graph: variables, Python callbacks, randomness (dropout, drop-connect), input pipelines.
 FORBIDDEN_OPS = frozenset([
@@ -59,18 +59,17 @@ SELF_CHECK_TOLERANCE = 1e-4
 
 def export_model_config(model_cfg):
     """A copy of model_cfg whose activation builds from plain ops; the variables are the same."""
-    act = str(getattr(model_cfg, "activation", None) or "swish").lower()
-    cfg = copy.copy(model_cfg)
-    cfg.activation = EXPORT_ACTIVATIONS.get(act, act)
-    return cfg
+    activation = Activation(model_cfg.activation)
+    return dataclasses.replace(model_cfg, activation=EXPORT_ACTIVATIONS.get(activation, activation))
 
 
-def normalization_info(name):
+def normalization_info(normalization):
     """How `input` is scaled: (x - mean) / std per RGB channel on the 0-255 scale."""
     try:
-        key = Normalization(name)
-    except ValueError as err:
-        raise UserError("normalization: {}".format(err))
+        key = Normalization(normalization)
+    except ValueError:
+        raise UserError("normalization {!r} is not one of {}".format(
+            normalization, ", ".join(n.value for n in Normalization)))
     mean, std = normalization_constants(key)
     return {"name": key.value, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "formula": "(x - mean) / std per RGB channel, x on the 0-255 scale"}
@@ -112,46 +111,46 @@ def atc_command(soc_version, batch_size, image_size, model_file=FROZEN_PB, dynam
     return " ".join(parts)
 
 
-def _float_tower(cfg, image_size, normalization, batch_size, normalize_in_graph, reuse):
-    images = tf.compat.v1.placeholder(tf.float32, [batch_size, image_size, image_size, 3], name=INPUT)
-    model_input = normalize(images, normalization, rows=False) if normalize_in_graph else images
-    logits, _ = build_efficientnet(model_input, cfg, is_training=False, reuse=reuse)
-    return images, logits, tf.nn.softmax(logits, name=PROBABILITIES)
+def _float_input(spec):
+    """The `input` placeholder and the model's input made from it."""
+    images = tf.compat.v1.placeholder(tf.float32, [spec.batch_size, spec.image_size, spec.image_size, 3],
+                                      name=INPUT)
+    return images, normalize(images, spec.normalization, rows=False) if spec.normalize_in_graph else images
 
 
-def _image_bytes_tower(cfg, image_size, normalization, batch_size, crop_padding, reuse):
-    data = tf.compat.v1.placeholder(tf.string, [batch_size], name=IMAGE_BYTES)
+def _image_bytes_input(spec):
+    """The `image_bytes` placeholder and the eval preprocessing of each element."""
+    data = tf.compat.v1.placeholder(tf.string, [spec.batch_size], name=IMAGE_BYTES)
     decoded = tf.compat.v1.map_fn(
-        lambda one: preprocess_for_eval(one, image_size, crop_padding=crop_padding),
+        lambda one: preprocess_for_eval(one, spec.image_size, crop_padding=spec.crop_padding),
         data, dtype=tf.float32, back_prop=False, name="preprocess")
-    logits, _ = build_efficientnet(normalize(decoded, normalization), cfg, is_training=False, reuse=reuse)
-    return data, logits, tf.nn.softmax(logits, name=PROBABILITIES)
+    return data, normalize(decoded, spec.normalization)
+
+
+_INPUTS = {INPUT: _float_input, IMAGE_BYTES: _image_bytes_input}
 
 
 class _Restored(object):
     """One inference graph with its variables restored from the checkpoint, and its session."""
 
-    def __init__(self, spec, towers, checkpoint, weights, session_config):
+    def __init__(self, spec, towers, checkpoint, use_ema, session_config):
         self.graph = tf.Graph()
         self.towers = {}
+        self.model = None
         with self.graph.as_default():
             for i, kind in enumerate(towers):
                 # The first tower owns the root names (input/image_bytes, logits, probabilities).
-                scope = tf.compat.v1.name_scope(kind) if i else _null_scope()
-                reuse = True if i else None  # later towers share the first one's variables
-                with scope:
-                    if kind == INPUT:
-                        self.towers[kind] = _float_tower(spec.cfg, spec.image_size, spec.normalization,
-                                                         spec.batch_size, spec.normalize_in_graph, reuse)
-                    else:
-                        self.towers[kind] = _image_bytes_tower(spec.cfg, spec.image_size, spec.normalization,
-                                                               spec.batch_size, spec.crop_padding, reuse)
-            self.plan = WeightsPlan(checkpoint, model_variables(spec.cfg.name), spec.cfg.name, weights)
-            saver = self.plan.saver()
+                with tf.compat.v1.name_scope(kind) if i else _null_scope():
+                    x, model_input = _INPUTS[kind](spec)
+                    if self.model is None:
+                        self.model = InferenceModel(model_input, spec.cfg, checkpoint, use_ema)
+                        logits = self.model.logits
+                    else:  # later towers share the first one's variables
+                        logits = self.model.tower(model_input)
+                    self.towers[kind] = (x, logits, tf.nn.softmax(logits, name=PROBABILITIES))
         self.sess = tf.compat.v1.Session(graph=self.graph, config=session_config)
         try:
-            with self.graph.as_default():  # TF 2.x: outside a graph context, Saver.restore would run eagerly
-                saver.restore(self.sess, checkpoint)
+            self.model.restore(self.sess)
         except BaseException:
             self.sess.close()
             raise
@@ -261,7 +260,7 @@ class _Spec(object):
     def __init__(self, model_cfg, image_size, normalization, batch_size, normalize_in_graph, crop_padding):
         self.cfg = export_model_config(model_cfg)
         self.image_size = int(image_size)
-        self.normalization = normalization
+        self.normalization = Normalization(normalization)
         self.batch_size = batch_size
         self.normalize_in_graph = normalize_in_graph
         self.crop_padding = crop_padding
@@ -319,21 +318,19 @@ def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, expo
                  crop_padding=CROP_PADDING, session_config=None):
     """Writes run_dir/export/ (model.pb, model_image_bytes.pb, saved_model/, export.json as configured) and
     returns the export.json content."""
-    check_export_config(export_cfg)
+    check_export(export_cfg)
     norm = normalization_info(normalization)
-    fmt = export_cfg.format
-    frozen_wanted = fmt in ("frozen_pb", "all")
-    saved_wanted = fmt in ("saved_model", "all")
-    batch_size = int(export_cfg.batch_size) if export_cfg.batch_size is not None else None
-    spec = _Spec(model_cfg, image_size, norm["name"], batch_size, bool(export_cfg.normalize_in_graph),
+    fmt = ExportFormat(export_cfg.format)
+    frozen_wanted = fmt in (ExportFormat.frozen_pb, ExportFormat.all)
+    saved_wanted = fmt in (ExportFormat.saved_model, ExportFormat.all)
+    spec = _Spec(model_cfg, image_size, norm["name"], export_cfg.batch_size, export_cfg.normalize_in_graph,
                  crop_padding)
-    weights = "ema" if export_cfg.use_ema else "raw"
-    num_classes = int(model_cfg.num_classes)
+    num_classes = model_cfg.num_classes
     out_dir = os.path.join(os.path.abspath(run_dir), EXPORT_DIR)
     tmp_dir = tempfile.mkdtemp(dir=os.path.abspath(run_dir), prefix="." + EXPORT_DIR + ".", suffix=".tmp")
     try:
-        manifest = _export_into(tmp_dir, checkpoint, spec, weights, num_classes, norm, export_cfg,
-                                frozen_wanted, saved_wanted, session_config)
+        manifest = _export_into(tmp_dir, checkpoint, spec, num_classes, norm, export_cfg, frozen_wanted,
+                                saved_wanted, session_config)
         manifest["export_dir"] = out_dir
         manifest["class_names"] = list(class_names) if class_names else None
         with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
@@ -349,7 +346,7 @@ def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, expo
     return manifest
 
 
-def _export_into(folder, checkpoint, spec, weights, num_classes, norm, export_cfg, frozen_wanted, saved_wanted,
+def _export_into(folder, checkpoint, spec, num_classes, norm, export_cfg, frozen_wanted, saved_wanted,
                  session_config):
     batch = spec.batch_size
     size = spec.image_size
@@ -360,7 +357,7 @@ def _export_into(folder, checkpoint, spec, weights, num_classes, norm, export_cf
     files = {}
     manifest = {
         "checkpoint": checkpoint, "model": spec.cfg.name, "image_size": size, "num_classes": num_classes,
-        "batch_size": batch, "weights": weights, "format": export_cfg.format,
+        "batch_size": batch, "format": ExportFormat(export_cfg.format).value,
         "tensorflow_version": tf.__version__, "layout": "NHWC",
         "inputs": float_inputs, "outputs": outputs,
         "normalization": dict(norm, in_graph=spec.normalize_in_graph),
@@ -369,15 +366,15 @@ def _export_into(folder, checkpoint, spec, weights, num_classes, norm, export_cf
         "preprocessing": {"eval": "centre crop of side image_size / (image_size + crop_padding) * min(height, "
                                   "width), bicubic resize to image_size (legacy, no half-pixel centres)",
                           "crop_padding": int(spec.crop_padding)},
-        "activation": spec.cfg.activation,
+        "activation": spec.cfg.activation.value,
         "files": files,
     }
     towers = [INPUT] + ([IMAGE_BYTES] if export_cfg.image_bytes_graph and saved_wanted else [])
-    restored = _Restored(spec, towers, checkpoint, weights, session_config)
+    restored = _Restored(spec, towers, checkpoint, export_cfg.use_ema, session_config)
     try:
-        manifest["weights_restored"] = restored.plan.describe()
-        manifest["weights"] = "ema" if restored.plan.uses_ema else "raw"
-        log.info("exporting %s with %s", spec.cfg.name, restored.plan.describe())
+        manifest["weights_restored"] = restored.model.describe()
+        manifest["weights"] = "ema" if restored.model.plan.uses_ema else "raw"
+        log.info("exporting %s with %s", spec.cfg.name, restored.model.describe())
         if frozen_wanted:
             frozen = restored.freeze()
             manifest["self_check_max_abs_diff"] = _self_check(restored, frozen, batch, size)
@@ -398,7 +395,7 @@ def _export_into(folder, checkpoint, spec, weights, num_classes, norm, export_cf
     finally:
         restored.close()
     if export_cfg.image_bytes_graph and frozen_wanted:
-        restored = _Restored(spec, [IMAGE_BYTES], checkpoint, weights, session_config)
+        restored = _Restored(spec, [IMAGE_BYTES], checkpoint, export_cfg.use_ema, session_config)
         try:
             frozen = restored.freeze()
         finally:

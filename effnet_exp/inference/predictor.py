@@ -7,8 +7,7 @@ import tensorflow as tf
 
 from effnet_exp.data.diagnostics import bad_data_message
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
-from effnet_exp.model.efficientnet import build_efficientnet
-from effnet_exp.model.restore import WeightsPlan, model_variables
+from effnet_exp.model.restore import InferenceModel
 from effnet_exp.run_folder import PREDICTIONS, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ class Predictor(object):
         self.class_names = class_names
         self.session_config = session_config
 
-    def predict(self, checkpoint, paths, top_k=5, weights="ema"):
+    def predict(self, checkpoint, paths, top_k=5, use_ema=True):
         top_k = min(top_k, self.model_cfg.num_classes)
         graph = tf.Graph()
         with graph.as_default():
@@ -31,15 +30,13 @@ class Predictor(object):
             image_bytes = tf.compat.v1.placeholder(tf.string, shape=[], name="image_bytes")
             image = preprocess_for_eval(image_bytes, self.image_size, crop_padding=self.crop_padding)
             images = tf.expand_dims(normalize(image, self.normalization), 0)
-            logits, _ = build_efficientnet(images, self.model_cfg, is_training=False)
-            probs, indices = tf.nn.top_k(tf.nn.softmax(logits)[0], k=top_k)
-            plan = WeightsPlan(checkpoint, model_variables(self.model_cfg.name), self.model_cfg.name, weights)
-            saver = plan.saver()
+            model = InferenceModel(images, self.model_cfg, checkpoint, use_ema)
+            probs, indices = tf.nn.top_k(tf.nn.softmax(model.logits)[0], k=top_k)
         graph.finalize()
         results = []
         with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
-            saver.restore(sess, checkpoint)
-            log.info("predicting with %s", plan.describe())
+            model.restore(sess)
+            log.info("predicting with %s", model.describe())
             for path in paths:
                 results.append(self._one(sess, image_bytes, probs, indices, path))
         return results

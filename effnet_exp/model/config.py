@@ -1,10 +1,13 @@
-"""Typed schema of the `model` config group (no TensorFlow import here)."""
+"""Typed schema of the `model` config group, its checks and the model's input size (no TensorFlow import here)."""
+import enum
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from omegaconf import II
 
 from effnet_exp.data.config import Normalization
+from effnet_exp.errors import UserError
+from effnet_exp.model.blocks import decode_blocks
 
 # The reference's block strings for B0; every B/Lite variant scales these.
 DEFAULT_BLOCKS = [
@@ -16,6 +19,21 @@ DEFAULT_BLOCKS = [
     "r4_k5_s22_e6_i112_o192_se0.25",
     "r1_k3_s11_e6_i192_o320_se0.25",
 ]
+
+
+class Activation(str, enum.Enum):
+    """The activations the builder knows (effnet_exp/model/layers.py:get_activation)."""
+    swish = "swish"
+    silu = "silu"  # the same function as swish
+    swish_sigmoid = "swish_sigmoid"  # swish spelled x * sigmoid(x) in training graphs too
+    relu6 = "relu6"  # EfficientNet-Lite
+    relu = "relu"
+
+
+class Weights(str, enum.Enum):
+    """Which weights of a checkpoint to load."""
+    ema = "ema"  # the /ExponentialMovingAverage shadows when the checkpoint has them (published accuracies)
+    raw = "raw"
 
 
 @dataclass
@@ -36,9 +54,9 @@ class ModelConfig:
     min_depth: Optional[int] = None
     batch_norm_momentum: float = 0.99
     batch_norm_epsilon: float = 1e-3
-    # Drop-connect survival probability of the last block (scaled linearly by block index).
+    # Drop-connect survival probability of the last block (scaled linearly by block index); 0 or 1: none.
     survival_prob: float = 0.8
-    activation: str = "swish"
+    activation: Activation = Activation.swish
     # EfficientNet-Lite: stem/head filters and the first/last stage repeats are not scaled.
     fix_head_stem: bool = False
     # Input normalisation the weights expect (imagenet | unit | lite); None means dataset.normalization.
@@ -47,4 +65,23 @@ class ModelConfig:
     # package ships (imported once into the cache). A checkpoint in the run folder always wins.
     pretrained: Optional[str] = None
     # ema: the /ExponentialMovingAverage shadows when the checkpoint has them (published accuracies); raw.
-    pretrained_weights: str = "ema"
+    pretrained_weights: Weights = Weights.ema
+
+
+def input_size(cfg):
+    """The model's own input side length: model.image_size if set, else the variant's resolution."""
+    return int(cfg.image_size or cfg.resolution)
+
+
+def check_model(cfg):
+    """UserError naming the model.* key and value that cannot work."""
+    try:
+        decode_blocks(cfg.blocks)
+    except ValueError as err:
+        raise UserError("model.blocks: {}".format(err))
+    if not 0.0 <= cfg.dropout_rate < 1.0:
+        raise UserError("model.dropout_rate={} must be in [0, 1)".format(cfg.dropout_rate))
+    if not 0.0 <= cfg.survival_prob <= 1.0:
+        raise UserError("model.survival_prob={} must be in [0, 1] (0 or 1: no drop-connect)".format(
+            cfg.survival_prob))
+    return cfg

@@ -29,37 +29,17 @@ from effnet_exp.model.blocks import decode_blocks, has_se, round_filters, round_
 __all__ = [
     "build_efficientnet",
     "expand_block_args",
-    "model_input_size",
     "stem_and_head_filters",
     "count_trainable_params",
 ]
 
 
-def _get(cfg, key, default=None):
-    """Attribute access that works for dataclasses, DictConfigs and plain objects."""
-    value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def model_input_size(cfg):
-    """Input side length: ``cfg.image_size`` if set, else ``cfg.resolution``."""
-    size = getattr(cfg, "image_size", None)
-    if size:
-        return int(size)
-    return int(cfg.resolution)
-
-
 def stem_and_head_filters(cfg):
     """(stem filters, head filters): width-scaled, or as configured when ``cfg.fix_head_stem``."""
-    stem = int(_get(cfg, "stem_filters", 32))
-    head = int(_get(cfg, "head_filters", 1280))
-    if bool(getattr(cfg, "fix_head_stem", False)):
-        return stem, head
-    width = _get(cfg, "width_coefficient")
-    divisor = int(_get(cfg, "depth_divisor", 8))
-    min_depth = getattr(cfg, "min_depth", None)
-    return (round_filters(stem, width, divisor, min_depth),
-            round_filters(head, width, divisor, min_depth))
+    if cfg.fix_head_stem:
+        return cfg.stem_filters, cfg.head_filters
+    return (round_filters(cfg.stem_filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth),
+            round_filters(cfg.head_filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth))
 
 
 def expand_block_args(cfg):
@@ -72,22 +52,18 @@ def expand_block_args(cfg):
     first and the last stage keep their repeats and the first stage's input
     filters are the (unscaled) stem filters.
     """
-    width = _get(cfg, "width_coefficient")
-    depth = _get(cfg, "depth_coefficient")
-    divisor = int(_get(cfg, "depth_divisor", 8))
-    min_depth = getattr(cfg, "min_depth", None)
-    fix_head_stem = bool(getattr(cfg, "fix_head_stem", False))
     stages = decode_blocks(cfg.blocks)
     result = []
     for i, stage in enumerate(stages):
-        fixed = fix_head_stem and (i == 0 or i == len(stages) - 1)
-        input_filters = round_filters(stage.input_filters, width, divisor, min_depth)
-        if fix_head_stem and i == 0:
+        fixed = cfg.fix_head_stem and (i == 0 or i == len(stages) - 1)
+        input_filters = round_filters(stage.input_filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth)
+        if cfg.fix_head_stem and i == 0:
             input_filters = stem_and_head_filters(cfg)[0]
         stage = stage._replace(
             input_filters=input_filters,
-            output_filters=round_filters(stage.output_filters, width, divisor, min_depth),
-            num_repeat=stage.num_repeat if fixed else round_repeats(stage.num_repeat, depth),
+            output_filters=round_filters(stage.output_filters, cfg.width_coefficient, cfg.depth_divisor,
+                                         cfg.min_depth),
+            num_repeat=stage.num_repeat if fixed else round_repeats(stage.num_repeat, cfg.depth_coefficient),
         )
         result.append(stage)
         repeat = stage._replace(input_filters=stage.output_filters, strides=(1, 1))
@@ -142,7 +118,7 @@ def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False, xl
 
     Args:
       images: float32 tensor [B, H, W, 3].
-      cfg: a ModelConfig or any object with the same attributes (DictConfig ok).
+      cfg: a ModelConfig (or its structured DictConfig).
       is_training: Python bool; selects batch statistics + UPDATE_OPS,
         drop-connect and dropout.
       reuse: passed to the top-level variable scope ``cfg.name``.
@@ -160,13 +136,13 @@ def build_efficientnet(images, cfg, is_training, reuse=None, freeze_bn=False, xl
         is_training = layers._static_bool(is_training)
     # freeze_bn: batch norm uses (and keeps) its moving statistics even while the rest trains.
     bn_training = is_training and not freeze_bn
-    act = layers.get_activation(_get(cfg, "activation", "swish"), is_training, xla_swish_grad=xla_swish_grad)
+    act = layers.get_activation(cfg.activation, is_training, xla_swish_grad=xla_swish_grad)
     stem_filters, head_filters = stem_and_head_filters(cfg)
-    bn_momentum = float(_get(cfg, "batch_norm_momentum", 0.99))
-    bn_epsilon = float(_get(cfg, "batch_norm_epsilon", 1e-3))
-    base_survival = getattr(cfg, "survival_prob", None)
-    dropout_rate = float(_get(cfg, "dropout_rate", 0.0))
-    num_classes = int(cfg.num_classes)
+    bn_momentum = cfg.batch_norm_momentum
+    bn_epsilon = cfg.batch_norm_epsilon
+    base_survival = cfg.survival_prob
+    dropout_rate = cfg.dropout_rate
+    num_classes = cfg.num_classes
 
     blocks = expand_block_args(cfg)
     num_blocks = len(blocks)

@@ -1,7 +1,7 @@
 """Loading model weights from a checkpoint by name, never through its meta graph.
 
-Used for pretrained initialisation, evaluation and prediction alike. Strict: every model variable must be in
-the checkpoint with the right shape, except the classifier when the class count differs (a new head).
+Used for pretrained initialisation, evaluation, prediction and export alike. Strict: every model variable must
+be in the checkpoint with the right shape, except the classifier when the class count differs (a new head).
 """
 import logging
 import os
@@ -9,6 +9,10 @@ import os
 import tensorflow as tf
 
 from effnet_exp.errors import UserError
+from effnet_exp.model.config import Weights
+from effnet_exp.model.efficientnet import build_efficientnet
+from effnet_exp.model.pretrained import ensure_imported
+from effnet_exp.run_folder import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,11 @@ def checkpoint_num_classes(prefix, scope):
 class WeightsPlan(object):
     """Which checkpoint tensor feeds which variable; raises one UserError listing every problem."""
 
-    def __init__(self, prefix, variables, scope, weights="ema", allow_new_head=False):
-        if weights not in ("ema", "raw"):
-            raise UserError("model.pretrained_weights={!r} is not one of ema, raw".format(weights))
+    def __init__(self, prefix, variables, scope, weights=Weights.ema, allow_new_head=False):
+        """weights: a Weights member (or its value): ema takes the EMA shadows when the checkpoint has them."""
         shapes = checkpoint_shapes(prefix)
         self.prefix = prefix
-        self.uses_ema = weights == "ema" and any(k.endswith(EMA_SUFFIX) for k in shapes)
+        self.uses_ema = Weights(weights) == Weights.ema and any(k.endswith(EMA_SUFFIX) for k in shapes)
         self.fresh = []  # variables left at their initial values (the new head)
         self.var_map = {}
         missing, mismatched = [], []
@@ -103,12 +106,38 @@ class WeightsPlan(object):
 def resolve_weights(spec, cache_dir):
     """A checkpoint prefix for `model.pretrained` / `eval.checkpoint`: a path, or package:<variant>."""
     if spec.startswith("package:"):
-        from effnet_exp.tools.import_weights import ensure_imported
-
         return ensure_imported(spec[len("package:"):], os.path.expanduser(cache_dir))
-    from effnet_exp.run_folder import resolve_checkpoint
-
     return resolve_checkpoint(spec)
+
+
+class InferenceModel(object):
+    """The inference graph of model_cfg on images (batch norm on its moving statistics, no dropout or
+    drop-connect) and the plan restoring its variables from checkpoint: the EMA shadows when use_ema and the
+    checkpoint has them, else the raw weights.
+
+    Build it inside the graph (before graph.finalize()), then call restore(sess). More inputs on the same
+    variables: tower(images), which adds no second saver.
+    """
+
+    def __init__(self, images, model_cfg, checkpoint, use_ema=True):
+        self.model_cfg = model_cfg
+        self.checkpoint = checkpoint
+        self.logits, self.endpoints = build_efficientnet(images, model_cfg, is_training=False)
+        self.plan = WeightsPlan(checkpoint, model_variables(model_cfg.name), model_cfg.name,
+                                Weights.ema if use_ema else Weights.raw)
+        self._saver = self.plan.saver()
+
+    def tower(self, images):
+        """Logits of another input through the same (restored) variables."""
+        logits, _ = build_efficientnet(images, self.model_cfg, is_training=False, reuse=True)
+        return logits
+
+    def restore(self, sess):
+        with sess.graph.as_default():  # TF 2.x: outside a graph context, Saver.restore would run eagerly
+            self._saver.restore(sess, self.checkpoint)
+
+    def describe(self):
+        return self.plan.describe()
 
 
 class _EveryCopy(object):

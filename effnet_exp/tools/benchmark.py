@@ -11,6 +11,7 @@ The machine's float32 matrix-multiply rate is measured in the same rounds, timed
 with our model's thread settings; for B0 at 224x224 each throughput is also given as a fraction of that rate.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -18,7 +19,20 @@ import resource
 import sys
 import time
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ start-up banner
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from effnet_exp.data.config import Builtin, DatasetConfig  # noqa: E402
+from effnet_exp.data.pipeline import build_dataset  # noqa: E402
+from effnet_exp.data.source import resolve_data_source  # noqa: E402
+from effnet_exp.devices.base import Purpose  # noqa: E402
+from effnet_exp.devices.config import CpuDeviceConfig  # noqa: E402
+from effnet_exp.devices.factory import make_device  # noqa: E402
+from effnet_exp.model.efficientnet import build_efficientnet  # noqa: E402
+from effnet_exp.model.pretrained.importer import load_model_config  # noqa: E402
+from effnet_exp.training.metrics import cross_entropy  # noqa: E402
 
 # FLOPs of one EfficientNet-B0 image at 224x224 (a multiply-add counts 2), for the fraction of the matmul rate.
 # Eval (forward): model_flops() counts 0.79 GFLOP on our inference graph, 0.77 of them in the convolutions and
@@ -41,38 +55,20 @@ def _median_rate(fn, units, steps, warmup):
     return units / float(np.median(times))
 
 
-def model_config(name, image_size, num_classes=1000):
-    from omegaconf import OmegaConf
-
-    from effnet_exp.model.config import ModelConfig
-
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "conf", "model", name + ".yaml")
-    raw = OmegaConf.load(conf)
-    raw.pop("defaults", None)
-    raw["num_classes"] = num_classes
-    raw["image_size"] = image_size
-    raw["pretrained"] = None
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+def model_config(name, image_size):
+    return dataclasses.replace(load_model_config(name), image_size=image_size, pretrained=None)
 
 
 def session_config(threads):
-    from effnet_exp.devices.config import CpuDeviceConfig
-    from effnet_exp.devices.session import make_session_config
-
     intra, inter = threads
-    return make_session_config(CpuDeviceConfig(intra_op_threads=intra, inter_op_threads=inter))
+    device = make_device(CpuDeviceConfig(intra_op_threads=intra, inter_op_threads=inter))
+    return device.session_config(Purpose.TRAIN)
 
 
 def ours(model_name, batch, image_size, threads, xla_swish_grad=True):
     """{"train": step, "eval": step}: one call runs one training step or one forward pass of our graph-mode
     model on a batch held in variables (no feed, no host copy per step); the sessions stay open.
     xla_swish_grad: as device.xla_swish_grad (on by default for device=cpu)."""
-    import tensorflow as tf
-
-    from effnet_exp.model.efficientnet import build_efficientnet
-    from effnet_exp.training.trainer import cross_entropy_loss
-
     cfg = model_config(model_name, image_size)
     rng = np.random.RandomState(0)
     images_np = rng.uniform(-2, 2, (batch, image_size, image_size, 3)).astype(np.float32)
@@ -85,7 +81,7 @@ def ours(model_name, batch, image_size, threads, xla_swish_grad=True):
             labels = tf.compat.v1.get_variable("bench_labels", initializer=labels_np, trainable=False)
             logits, _ = build_efficientnet(images, cfg, is_training=training, xla_swish_grad=xla_swish_grad)
             if training:
-                loss = cross_entropy_loss(logits, labels, 1000)
+                loss = cross_entropy(logits, labels, 1000)
                 opt = tf.compat.v1.train.MomentumOptimizer(0.01, 0.9, use_nesterov=True)
                 with tf.control_dependencies(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)):
                     op = opt.minimize(loss)
@@ -102,7 +98,6 @@ def matmul_step(size, threads):
     """One call multiplies two size x size float32 matrices held in variables, in a session configured as
     ours(). The product is summed (size**2 more additions) so that Grappler cannot prune the multiply and no
     matrix is copied to the host."""
-    import tensorflow as tf
 
     rng = np.random.RandomState(0)
     graph = tf.Graph()
@@ -147,9 +142,6 @@ def model_flops(model_name, image_size):
     """Floating-point operations of one image's forward pass, counted by TensorFlow's profiler on the ops the
     logits depend on (the inference graph also holds each convolution as built, before batch norm was folded
     into a copy of it)."""
-    import tensorflow as tf
-
-    from effnet_exp.model.efficientnet import build_efficientnet
 
     with tf.Graph().as_default() as built:
         logits, _ = build_efficientnet(tf.zeros([1, image_size, image_size, 3]),
@@ -171,7 +163,6 @@ def keras_steps(model_name, batch, image_size, threads):
         return None
     if not keras.__version__.startswith("3"):
         return None
-    import tensorflow as tf
 
     if threads[0]:
         tf.config.threading.set_intra_op_parallelism_threads(threads[0])
@@ -196,12 +187,6 @@ def peak_rss_mb():
 
 def pipeline_rate(batch, image_size):
     """Training input pipeline images/s on the bundled digits (decode, crop, resize, flip, batch)."""
-    import tensorflow as tf
-
-    from effnet_exp.data.config import Builtin, DatasetConfig
-    from effnet_exp.data.pipeline import build_dataset
-    from effnet_exp.data.source import resolve_data_source
-
     ds_cfg = DatasetConfig(num_classes=10, builtin=Builtin.digits,
                            cache_dir=os.environ.get("EFFNET_EXP_CACHE", "~/.cache/effnet_exp"))
     source = resolve_data_source(ds_cfg, need_eval=False)
@@ -232,9 +217,6 @@ def main(argv=None):
     parser.add_argument("--scaling-batch", type=int, default=4)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
 
     threads = (args.intra_threads, args.inter_threads)
     xla_swish_grad = not args.no_xla_swish_grad
