@@ -84,7 +84,8 @@ class Trainer(object):
         if not spec.initial_weights or spec.resume_checkpoint:
             return None
         scope = spec.model.name
-        plan = WeightsPlan(spec.initial_weights, model_variables(scope), scope, spec.weights, allow_new_head=True)
+        plan = WeightsPlan(spec.initial_weights, model_variables(scope), scope, "ema" if spec.use_ema else "raw",
+                           allow_new_head=True)
         return plan, plan.saver()
 
     def _restore(self, sess, saver, initial):
