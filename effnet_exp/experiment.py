@@ -30,20 +30,22 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg, run_dir, environ=None):
-    """(RunSpec, device) for a composed config (a DictConfig or RunConfig) and its run folder."""
+    """The RunSpec of a composed config (a DictConfig or RunConfig) in its run folder; every check runs here."""
     typed = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
     validate(typed)
     device = make_device(typed.device, environ)
     device.check(typed)
-    return resolve_spec(typed, device, os.path.abspath(run_dir))
+    run_dir = os.path.abspath(run_dir)
+    own_dir = run_folder.process_dir(run_dir, device.placement)
+    if own_dir != run_dir:
+        _move_log_file(run_dir, own_dir)
+    return resolve_spec(typed, device, run_dir, own_dir)
 
 
 def run(spec):
     """Runs spec's mode; returns the number a sweeper optimises (the final eval top-1, or a count)."""
     random.seed(spec.cfg.seed)
     np.random.seed(spec.cfg.seed)
-    if spec.own_dir != spec.run_dir:
-        _move_log_file(spec.run_dir, spec.own_dir)
     if spec.class_names and spec.placement.chief:
         run_folder.write_labels(spec.run_dir, spec.class_names)
     return {Mode.predict: _predict, Mode.export: _export, Mode.eval: _evaluate}.get(spec.cfg.mode, _train)(spec)

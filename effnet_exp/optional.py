@@ -1,5 +1,8 @@
-"""The one place that imports heavy or optional packages, lazily."""
+"""The one place that imports heavy or optional packages, lazily: npu_bridge (Ascend images only), matplotlib
+(figures), Pillow (the TFRecord converter's workers), scikit-learn's datasets (slow, needed once) and Keras (the
+benchmark's other side)."""
 import importlib
+from collections import namedtuple
 
 from effnet_exp.errors import UserError
 
@@ -25,6 +28,46 @@ def import_npu_bridge():
             "not from PyPI), which cannot be imported here ({}); use device=cpu or device=gpu, or run on an "
             "Ascend image".format(err))
     return npu_init
+
+
+Matplotlib = namedtuple("Matplotlib", "Figure FigureCanvasAgg MaxNLocator Line2D")
+
+
+def matplotlib():
+    """The parts of matplotlib the figures use, with the headless Agg backend chosen before anything else."""
+    import matplotlib as mpl
+    mpl.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    return Matplotlib(Figure, FigureCanvasAgg, MaxNLocator, Line2D)
+
+
+def pil_image(user):
+    """PIL.Image; UserError naming `user` (the tool that needs it) without Pillow."""
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise UserError("{} needs Pillow ({}); install it with: pip install pillow".format(user, err))
+    return Image
+
+
+def load_digits():
+    """scikit-learn's bundled 8x8 digits (scikit-learn is slow to import, and this is needed once)."""
+    from sklearn.datasets import load_digits as load
+
+    return load()
+
+
+def keras():
+    """Keras 3, or None where it is not installed (the TF 1.15 stack)."""
+    try:
+        import keras as module
+    except ImportError:
+        return None
+    return module if module.__version__.startswith("3") else None
 
 
 def npu(name):

@@ -53,8 +53,7 @@ class RunSpec:
         return self.placement.chief and (mode != Mode.train or bool(self.cfg.train.eval_every))
 
 
-def resolve_spec(cfg, device, run_dir):
-    own_dir = run_folder.process_dir(run_dir, device.placement)
+def resolve_spec(cfg, device, run_dir, own_dir):
     if cfg.mode in INFERENCE_MODES:
         spec = _checkpoint_spec(cfg, device, run_dir, own_dir)
     else:

@@ -18,9 +18,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, TINY, run_py
-from effnet_exp.devices.ascend_env import AscendEnv, DataParallel, data_parallel, read_ascend_env
-from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, LossScaleConfig
+from effnet_exp.devices.ascend import broadcast_variables_op
+from effnet_exp.devices.ascend_env import AscendEnv, read_ascend_env
+from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, LossScaleConfig, PrecisionMode
+from effnet_exp.devices.factory import make_device
+from effnet_exp.devices.placement import SINGLE, Placement
 from effnet_exp.errors import UserError
+from effnet_exp.training.regularization import WeightsAverage
+from effnet_exp.training.trainer import NonFiniteLoss, NonFiniteWatch
+from factory import section
 
 FAKE_NPU_BRIDGE = '''
 """FAKE npu_bridge.npu_init for effnet-exp's tests -- NOT Huawei's adapter. Same names and signatures as the parts
@@ -194,9 +200,6 @@ def test_environment_parsing(tmp_path):
     env = {"RANK_SIZE": "2", "RANK_ID": "1", "RANK_TABLE_FILE": table, "ASCEND_DEVICE_ID": "5", "DEVICE_ID": "7"}
     assert read_ascend_env(env) == AscendEnv(2, 1, table, 5)  # ASCEND_DEVICE_ID wins over DEVICE_ID
     assert read_ascend_env(dict(env, ASCEND_DEVICE_ID="")) == AscendEnv(2, 1, table, 7)
-    # Only device=ascend reads them.
-    assert data_parallel(CpuDeviceConfig(), env) == DataParallel(1, 0)
-    assert data_parallel(AscendDeviceConfig(), env) == DataParallel(2, 1)
     group_list = {"group_count": "1", "group_list": [{"instance_list": [
         {"devices": [{"device_id": str(i)} for i in range(4)]}]}]}
     os.makedirs(str(tmp_path / "old"))
@@ -228,18 +231,16 @@ def test_environment_errors_name_the_variable(tmp_path, change, variable):
     assert variable in str(err.value) and "\n" not in str(err.value)
 
 
-def test_rank_shards_the_training_files(tmp_path, clean_env):
-    from effnet_exp.training.trainer import Trainer
-
-    clean_env.setenv("RANK_SIZE", "2")
-    clean_env.setenv("RANK_ID", "1")
-    clean_env.setenv("RANK_TABLE_FILE", write_rank_table(tmp_path))
-    clean_env.setenv("ASCEND_DEVICE_ID", "1")
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = type("Cfg", (), {"device": AscendDeviceConfig()})()
-    assert trainer.data_shard() == {"num_shards": 2, "shard_index": 1}
-    trainer.cfg.device = CpuDeviceConfig()
-    assert trainer.data_shard() == {"num_shards": 1, "shard_index": 0}
+def test_placement_of_a_rank(fake_npu, tmp_path):
+    """FAKE npu_bridge (importable): rank 1 of 2 trains one of 2 replicas, reads input shard 1 of 2, is not the
+    chief and writes into rank_1/; only device=ascend reads the RANK_* variables."""
+    env = {"RANK_SIZE": "2", "RANK_ID": "1", "RANK_TABLE_FILE": write_rank_table(tmp_path), "ASCEND_DEVICE_ID": "1"}
+    placement = make_device(AscendDeviceConfig(), env).placement
+    assert placement == Placement(replicas=2, processes=2, rank=1, chief=False, input_shards=2, input_shard=1,
+                                  folder="rank_1")
+    assert placement.device_batch(16) == 8 and placement.stream_batch(16) == 8
+    assert make_device(AscendDeviceConfig(), dict(env, RANK_ID="0")).placement.chief
+    assert make_device(CpuDeviceConfig(), env).placement == SINGLE
 
 
 # --- graph wiring with the FAKE npu_bridge ----------------------------------------------------------------------
@@ -254,15 +255,15 @@ def toy_problem():
 def test_fake_npu_optimizer_chain_and_overflow_counting(fake_npu, tmp_path, clean_env):
     """FAKE npu_bridge: checks that with RANK_SIZE=2 the optimizer is NPULossScaleOptimizer(NPUDistributedOptimizer(
     RMSProp), dynamic manager, is_distributed=True), that an overflow step is skipped but counted and the global
-    step still advances, and that StepWatch reports it as skipped instead of a NaN fault."""
-    from effnet_exp.devices.loss_scaling import wrap_optimizer
-    from effnet_exp.training.optimizers import StepWatch
-
-    device = AscendDeviceConfig(loss_scale=LossScaleConfig(init_scale=1024.0, incr_every_n_steps=7))
+    step still advances, and that the non-finite watch tolerates overflow steps until the loss stays non-finite
+    for train.max_nonfinite_steps steps in a row."""
+    env = {"RANK_SIZE": "2", "RANK_ID": "1", "RANK_TABLE_FILE": write_rank_table(tmp_path), "ASCEND_DEVICE_ID": "1"}
+    device = make_device(AscendDeviceConfig(loss_scale=LossScaleConfig(init_scale=1024.0, incr_every_n_steps=7)),
+                         env)
     with tf.Graph().as_default():
         w, loss, scale = toy_problem()
         global_step = tf.compat.v1.train.get_or_create_global_step()
-        opt, scaling = wrap_optimizer(tf.compat.v1.train.RMSPropOptimizer(0.1), device, DataParallel(2, 1))
+        opt, scaling = device.wrap_optimizer(tf.compat.v1.train.RMSPropOptimizer(0.1))
         train_op = scaling.apply_gradients(opt.compute_gradients(loss, [w]), global_step)
         monitors = scaling.monitors(train_op)
         calls = [c for c, _ in fake_npu.CALLS]
@@ -275,24 +276,25 @@ def test_fake_npu_optimizer_chain_and_overflow_counting(fake_npu, tmp_path, clea
         assert details["ExponentialUpdateLossScaleManager"] == {
             "init_loss_scale": 1024.0, "incr_every_n_steps": 7, "decr_every_n_nan_or_inf": 2, "incr_ratio": 2.0,
             "decr_ratio": 0.8}
-        watch = StepWatch(max_nonfinite_steps=3)
+        watch = NonFiniteWatch(section("train", "train.max_nonfinite_steps=3"), overflow_steps=0)
         with tf.compat.v1.Session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
-            watch.overflow_steps = 0
             _, extra, l = sess.run([train_op, monitors, loss])
-            assert not watch.skipped(1, l, extra) and extra["overflow_steps"] == 0
+            watch.note(1, l, extra, None)
+            assert extra["overflow_steps"] == 0 and watch.streak == 0
             before = sess.run(w)
             _, extra, l = sess.run([train_op, monitors, loss], {scale: np.inf})
             assert sess.run(w) == before  # the update was skipped
             assert extra["overflow_steps"] == 1 and extra["loss_scale"] == pytest.approx(1024 * 0.8)
             assert sess.run(global_step) == 2  # the step counts anyway
-            assert watch.skipped(2, l, extra)  # not a NaN fault ...
+            watch.note(2, l, extra, None)  # not a NaN fault (train.nonfinite_policy=stop) ...
             _, extra, l = sess.run([train_op, monitors, loss], {scale: np.inf})
-            assert watch.skipped(3, l, extra) and extra["overflow_steps"] == 2
+            watch.note(3, l, extra, None)
+            assert extra["overflow_steps"] == 2 and watch.streak == 2
             _, extra, l = sess.run([train_op, monitors, loss], {scale: np.inf})
-            with pytest.raises(UserError) as err:  # ... unless the loss itself stays non-finite
-                watch.skipped(4, l, extra)
-            assert "even with loss scaling" in str(err.value)
+            with pytest.raises(NonFiniteLoss) as err:  # ... unless the loss itself stays non-finite
+                watch.note(4, l, extra, None)
+            assert "not finite for 3 steps in a row, up to step 4" in str(err.value)
 
 
 @pytest.mark.parametrize("precision_mode, scale, expected", [
@@ -305,11 +307,10 @@ def test_fake_npu_loss_scaling_follows_precision_mode(fake_npu, precision_mode, 
     """FAKE npu_bridge: checks that loss scaling is wired only for precision modes that compute in float16 (and not
     with loss_scale.scale=none), with a FixedLossScaleManager for a fixed scale; one process: no distributed
     wrapper."""
-    from effnet_exp.devices.loss_scaling import wrap_optimizer
-
-    device = AscendDeviceConfig(precision_mode=precision_mode, loss_scale=LossScaleConfig(scale=scale))
+    device = make_device(AscendDeviceConfig(precision_mode=PrecisionMode(precision_mode),
+                                            loss_scale=LossScaleConfig(scale=scale)), {})
     with tf.Graph().as_default():
-        opt, scaling = wrap_optimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1), device, DataParallel(1, 0))
+        opt, scaling = device.wrap_optimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1))
     assert [c for c, _ in fake_npu.CALLS] == expected
     assert (scaling is not None) == bool(expected)
     if expected:
@@ -319,9 +320,6 @@ def test_fake_npu_loss_scaling_follows_precision_mode(fake_npu, precision_mode, 
 def test_fake_npu_broadcast_covers_float_variables_and_step(fake_npu):
     """FAKE npu_bridge: checks that the rank-0 broadcast covers every float global variable (weights, batch-norm
     moving statistics, optimizer slots, moving averages) and the global step, and assigns them the result."""
-    from effnet_exp.devices.npu_graph import broadcast_variables_op
-    from effnet_exp.training.regularization import WeightsAverage
-
     with tf.Graph().as_default():
         w = tf.compat.v1.get_variable("m/blocks_0/conv2d/kernel", initializer=1.0)
         mean = tf.compat.v1.get_variable("m/blocks_0/tpu_batch_normalization/moving_mean", initializer=0.0,
@@ -348,41 +346,48 @@ def test_fake_npu_broadcast_covers_float_variables_and_step(fake_npu):
 def test_fake_npu_iterations_per_loop(fake_npu):
     """FAKE npu_bridge: checks that device.iterations_per_loop > 1 wraps the train op with util.IterationPerLoop and
     loads N once the session exists, and that 1 leaves the train op alone."""
-    from effnet_exp.devices.npu_graph import DeviceLoop
-
     with tf.Graph().as_default():
         op = tf.no_op(name="train")
-        assert DeviceLoop(op, 1).train_op is op and fake_npu.CALLS == []
-        loop = DeviceLoop(op, 4)
+        assert make_device(AscendDeviceConfig(), {}).device_loop(op).train_op is op and fake_npu.CALLS == []
+        loop = make_device(AscendDeviceConfig(iterations_per_loop=4), {}).device_loop(op)
         assert loop.train_op.name == "IterationOp" and loop.iterations == 4
         loop.load(None)
     assert fake_npu.CALLS == [("IterationPerLoop.create", {"train_op": "train"}),
                               ("IterationPerLoop.load", {"iterations_per_loop": 4})]
 
 
+def fake_rank_env(tmp_path, rank, calls=None):
+    """The environment of rank `rank` of 2 with the FAKE npu_bridge importable."""
+    fake = write_fake_npu_bridge(tmp_path / "fake") if not (tmp_path / "fake").exists() else str(tmp_path / "fake")
+    env = {"PYTHONPATH": os.pathsep.join([fake, os.environ.get("PYTHONPATH", "")]), "RANK_SIZE": "2",
+           "RANK_ID": str(rank), "RANK_TABLE_FILE": write_rank_table(tmp_path), "ASCEND_DEVICE_ID": str(rank)}
+    if calls:
+        env["FAKE_NPU_LOG"] = calls
+    return env
+
+
 def test_fake_npu_rank1_writes_no_checkpoint(tmp_path, cache_dir, monkeypatch):
     """FAKE npu_bridge, in a real `run.py device=ascend` subprocess as rank 1 of 2: checks that it trains (through
     NPULossScaleOptimizer(is_distributed) around NPUDistributedOptimizer, variables broadcast from rank 0, its own
-    shard of the files) and writes no checkpoints, no eval.json and no TensorBoard summaries."""
-    fake = write_fake_npu_bridge(tmp_path / "fake")
+    shard of the files, half the global batch) and writes only its own folder rank_1/: no checkpoints, no
+    eval.json and no TensorBoard summaries."""
     calls = str(tmp_path / "calls.jsonl")
-    run_dir = tmp_path / "rank_1"
-    env = {"PYTHONPATH": os.pathsep.join([fake, os.environ.get("PYTHONPATH", "")]), "RANK_SIZE": "2",
-           "RANK_ID": "1", "RANK_TABLE_FILE": write_rank_table(tmp_path), "ASCEND_DEVICE_ID": "1",
-           "FAKE_NPU_LOG": calls}
-    for key, value in env.items():
+    for key, value in fake_rank_env(tmp_path, 1, calls).items():
         monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
     proc = run_py(TINY + ["device=ascend", "model.pretrained=null", "train.eval_every=2",
                           "hydra.run.dir={}".format(run_dir)], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not (run_dir / "checkpoints").exists()
-    assert not (run_dir / "eval.json").exists() and not (run_dir / "tensorboard").exists()
+    assert not list(run_dir.rglob("checkpoint*")) and not list(run_dir.rglob("eval.json"))
+    assert not list(run_dir.rglob("tensorboard"))
     assert "eval top1" not in proc.stdout
-    metrics = [json.loads(line) for line in open(str(run_dir / "metrics.jsonl"))]
+    own = run_dir / "rank_1"
+    metrics = [json.loads(line) for line in open(str(own / "metrics.jsonl"))]
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
-    log_text = open(str(run_dir / "run.log")).read()
-    assert "rank 1 of 2 reads shard 1 of 2" in log_text and "variables broadcast from rank 0" in log_text
-    assert "global batch 16 (8 per process x 2)" in log_text
+    assert not (run_dir / "metrics.jsonl").exists()
+    log_text = open(str(own / "run.log")).read()
+    assert "global batch 8 = 4 per device x 2 device(s); process 1 of 2; reads input shard 1 of 2, batch 4" in log_text
+    assert "variables broadcast from rank 0" in log_text
     recorded = [json.loads(line) for line in open(calls)]
     names = [r["call"] for r in recorded]
     assert "NPUDistributedOptimizer" in names
@@ -391,6 +396,71 @@ def test_fake_npu_rank1_writes_no_checkpoint(tmp_path, cache_dir, monkeypatch):
     broadcast = [n for r in recorded if r["call"] == "hccl_ops.broadcast" for n in r["details"]["names"]]
     assert "global_step" in broadcast and any(n.endswith("tpu_batch_normalization/moving_variance")
                                               for n in broadcast)
+
+
+# --- a relaunched multi-rank job ----------------------------------------------------------------------------------
+
+# lr=0 and no dropout / drop-connect: the weights never change, so each step's loss and top-1 depend only on the
+# batch the rank reads. Equal per-step metrics then mean equal input positions (the FAKE NPUDistributedOptimizer
+# does not average gradients across processes, so with lr>0 the ranks would drift apart by design of the fake).
+RESUME_RUN = ["model.image_size=32", "train.batch_size=8", "train.steps=30", "train.log_every=1",
+              "train.checkpoint_every=4", "optimizer.lr=0", "model.dropout_rate=0", "model.survival_prob=1.0",
+              "model.pretrained=null", "mode=train"]
+
+
+def launch_ranks(tmp_path, run_dir, cache_dir):
+    env = dict(os.environ, EFFNET_EXP_CACHE=cache_dir, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=fake_rank_env(tmp_path, 0)["PYTHONPATH"])
+    return subprocess.Popen([sys.executable, "-m", "effnet_exp.tools.launch_ascend", "--devices", "2",
+                             "--rank-table", write_rank_table(tmp_path), "--run-dir", str(run_dir), "--"] + RESUME_RUN,
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+
+
+def rank_metrics(run_dir, rank):
+    folder = run_dir if rank == 0 else run_dir / "rank_{}".format(rank)
+    return [json.loads(line) for line in open(str(folder / "metrics.jsonl"))]
+
+
+def comparable(records):
+    return [(r["step"], round(r["loss"], 5), round(r["top1"], 5)) for r in records]
+
+
+def test_fake_npu_relaunched_ranks_resume_at_the_chiefs_step_and_input_position(tmp_path, cache_dir):
+    """FAKE npu_bridge, 2 ranks as processes through the launcher: the job is stopped (SIGTERM to the launcher)
+    after rank 0's first checkpoint, then relaunched with the same command. Every rank must resume at the step of
+    rank 0's checkpoint, at the same input position of its own shard, and trim its own metrics.jsonl; so each rank's
+    metrics equal those of an uninterrupted run, step for step."""
+    whole = tmp_path / "whole"
+    proc = launch_ranks(tmp_path, whole, cache_dir)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    stopped = tmp_path / "stopped"
+    proc = launch_ranks(tmp_path, stopped, cache_dir)
+    deadline = time.time() + 300
+    while not (stopped / "checkpoints" / "checkpoint").exists() or \
+            not (stopped / "rank_1" / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(15)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + 15
+    before = [comparable(rank_metrics(stopped, rank)) for rank in (0, 1)]
+    proc = launch_ranks(tmp_path, stopped, cache_dir)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    chief_step = before[0][-1][0]  # rank 0 logged and saved the step it stopped at
+    whole_records = [comparable(rank_metrics(whole, rank)) for rank in (0, 1)]
+    for rank, folder in ((0, stopped), (1, stopped / "rank_1")):
+        log_text = open(str(folder / "run.log")).read()
+        assert "resuming from {}: the input stream continues after {} steps".format(
+            stopped / "checkpoints" / "model.ckpt-{}".format(chief_step), chief_step) in log_text, rank
+        # Without HCCL the fake ranks do not wait for each other: rank 1 may have been a few steps behind or ahead
+        # when stopped. Its records up to the chief's step are kept, the later ones trained again.
+        kept = [r for r in before[rank] if r[0] <= chief_step]
+        expected = kept + [r for r in whole_records[rank] if r[0] > chief_step]
+        assert comparable(rank_metrics(stopped, rank)) == expected, rank
+        assert set(expected) <= set(whole_records[rank]), rank
 
 
 # --- the launcher ------------------------------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-"""Session configs per device. The Ascend test FAKES the npu_bridge module (it cannot run off an Ascend
-image): it checks only our wiring of the NpuOptimizer session config, not the adapter itself."""
+"""Session configs per device and the device checks. The Ascend tests FAKE the npu_bridge module (it cannot run
+off an Ascend image): they check only our wiring of the NpuOptimizer session config, not the adapter itself."""
 import sys
 import types
 
 import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
 from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
 
-from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDeviceConfig
-from effnet_exp.devices.session import check_device_available, make_session_config
+from effnet_exp.devices.base import Purpose
+from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDeviceConfig, PrecisionMode, \
+    check_device
+from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError
+from factory import run_config
+
+NO_RANKS = {}  # an environment without RANK_SIZE / RANK_ID / ...
 
 
 @pytest.fixture
@@ -21,13 +28,18 @@ def fake_npu_bridge(monkeypatch):
     monkeypatch.setitem(sys.modules, "npu_bridge.npu_init", npu_init)
 
 
-def test_ascend_session_config_wiring_with_fake_npu_bridge(fake_npu_bridge):
-    cfg = AscendDeviceConfig(precision_mode="allow_fp32_to_fp16", iterations_per_loop=10,
-                             modify_mixlist="/tmp/mix.json", graph_memory_max_size=123)
-    config = make_session_config(cfg)
-    rewrite = config.graph_options.rewrite_options
+def npu_params(device, purpose=Purpose.TRAIN):
+    rewrite = device.session_config(purpose).graph_options.rewrite_options
     (custom,) = [o for o in rewrite.custom_optimizers if o.name == "NpuOptimizer"]
-    params = custom.parameter_map
+    return custom.parameter_map
+
+
+def test_ascend_session_config_wiring_with_fake_npu_bridge(fake_npu_bridge):
+    cfg = AscendDeviceConfig(precision_mode=PrecisionMode.allow_fp32_to_fp16, iterations_per_loop=10,
+                             modify_mixlist="/tmp/mix.json", graph_memory_max_size=123)
+    device = make_device(cfg, NO_RANKS)
+    config = device.session_config(Purpose.TRAIN)
+    params = npu_params(device)
     assert params["use_off_line"].b is True
     assert params["precision_mode"].s == b"allow_fp32_to_fp16"
     assert params["mix_compile_mode"].b is False
@@ -35,71 +47,91 @@ def test_ascend_session_config_wiring_with_fake_npu_bridge(fake_npu_bridge):
     assert params["modify_mixlist"].s == b"/tmp/mix.json"
     assert params["graph_memory_max_size"].s == b"123"
     assert "variable_memory_max_size" not in params
+    rewrite = config.graph_options.rewrite_options
     assert rewrite.remapping == RewriterConfig.OFF
     assert rewrite.memory_optimization == RewriterConfig.OFF
     assert config.allow_soft_placement
 
 
+def test_ascend_inference_session_config_has_no_device_loop(fake_npu_bridge):
+    """FAKE npu_bridge: evaluation, prediction and export graphs have no loop variables, so their session config
+    carries neither iterations_per_loop nor the device-side input, but the same precision mode."""
+    device = make_device(AscendDeviceConfig(iterations_per_loop=5), NO_RANKS)
+    train, inference = npu_params(device, Purpose.TRAIN), npu_params(device, Purpose.INFERENCE)
+    assert train["iterations_per_loop"].i == 5 and train["enable_data_pre_proc"].b is True
+    assert "iterations_per_loop" not in inference and "enable_data_pre_proc" not in inference
+    assert inference["precision_mode"].s == b"allow_mix_precision"
+    assert device.steps_per_run == 5
+
+
 def test_ascend_default_precision_mode_is_mixed(fake_npu_bridge):
-    params = make_session_config(AscendDeviceConfig()).graph_options.rewrite_options.custom_optimizers[0]
-    assert params.parameter_map["precision_mode"].s == b"allow_mix_precision"
+    assert npu_params(make_device(AscendDeviceConfig(), NO_RANKS))["precision_mode"].s == b"allow_mix_precision"
 
 
 def test_ascend_without_npu_bridge_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "npu_bridge", None)  # makes `import npu_bridge` fail, even on an NPU box
     with pytest.raises(UserError) as err:
-        check_device_available(AscendDeviceConfig())
+        make_device(AscendDeviceConfig(), NO_RANKS)
     assert "npu_bridge" in str(err.value) and "device=ascend" in str(err.value)
 
 
 def test_cpu_and_gpu_configs():
-    cpu = make_session_config(CpuDeviceConfig(intra_op_threads=2, inter_op_threads=1))
+    cpu = make_device(CpuDeviceConfig(intra_op_threads=2, inter_op_threads=1)).session_config(Purpose.TRAIN)
     assert (cpu.intra_op_parallelism_threads, cpu.inter_op_parallelism_threads) == (2, 1)
     assert not cpu.graph_options.rewrite_options.custom_optimizers
-    gpu = make_session_config(GpuDeviceConfig(visible_devices="1", xla=True))
+    gpu = make_device(GpuDeviceConfig(visible_devices="1", xla=True)).session_config(Purpose.INFERENCE)
     assert gpu.gpu_options.allow_growth and gpu.gpu_options.visible_device_list == "1"
     assert gpu.graph_options.optimizer_options.global_jit_level > 0
 
 
-def test_ascend_loop_and_precision_mode_checks_with_fake_npu_bridge(fake_npu_bridge, tmp_path, monkeypatch):
-    """FAKE npu_bridge (importable, nothing more): checks our validation of the Ascend fields -- precision_mode
-    among CANN's values, iterations_per_loop > 1 only without mix_compile_mode (and then the device-side input,
-    enable_data_pre_proc), modify_mixlist only with allow_mix_precision* and an existing file."""
-    for name in ("RANK_SIZE", "RANK_ID", "RANK_TABLE_FILE", "ASCEND_DEVICE_ID", "DEVICE_ID"):
-        monkeypatch.delenv(name, raising=False)
-    for mode in ("allow_mix_precision", "must_keep_origin_dtype", "force_fp32", "allow_mix_precision_bf16",
-                 "allow_fp32_to_fp16", "force_fp16", "allow_mix_precision_fp16", "cube_fp16in_fp32out"):
-        check_device_available(AscendDeviceConfig(precision_mode=mode))
-    bad = [(AscendDeviceConfig(precision_mode="fp16"), "device.precision_mode='fp16' is not one of"),
-           (AscendDeviceConfig(iterations_per_loop=0), "device.iterations_per_loop=0"),
+def test_precision_mode_is_a_schema_choice():
+    """Hydra rejects a precision mode CANN does not have, naming the key and the allowed values."""
+    with pytest.raises(ConfigCompositionException) as err:
+        run_config("device=ascend", "device.precision_mode=fp16")
+    assert isinstance(err.value.__cause__, ValidationError)
+    message = str(err.value.__cause__)
+    assert "precision_mode" in message and "'fp16'" in message and "allow_mix_precision" in message
+    assert run_config("device=ascend", "device.precision_mode=force_fp16").device.precision_mode == \
+        PrecisionMode.force_fp16
+
+
+def test_ascend_loop_and_mixlist_checks(tmp_path):
+    """Our validation of the Ascend fields: iterations_per_loop >= 1, > 1 only without mix_compile_mode,
+    modify_mixlist only with allow_mix_precision* and an existing file, no tf.distribute strategy."""
+    for mode in PrecisionMode:
+        check_device(AscendDeviceConfig(precision_mode=mode))
+    bad = [(AscendDeviceConfig(iterations_per_loop=0), "device.iterations_per_loop=0"),
            (AscendDeviceConfig(iterations_per_loop=5, mix_compile_mode=True), "needs device.mix_compile_mode=false"),
-           (AscendDeviceConfig(precision_mode="force_fp16", modify_mixlist=str(tmp_path)),
+           (AscendDeviceConfig(precision_mode=PrecisionMode.force_fp16, modify_mixlist=str(tmp_path)),
             "only used with device.precision_mode=allow_mix_precision"),
            (AscendDeviceConfig(modify_mixlist=str(tmp_path / "missing.json")), "missing.json: no such file")]
     for cfg, message in bad:
         with pytest.raises(UserError) as err:
-            check_device_available(cfg)
+            check_device(cfg)
         assert message in str(err.value)
-    monkeypatch.setenv("RANK_SIZE", "2")
+
+
+def test_ascend_environment_is_read_when_the_device_is_made(fake_npu_bridge):
     with pytest.raises(UserError, match="RANK_SIZE=2 needs RANK_ID"):
-        check_device_available(AscendDeviceConfig())
-    looped = make_session_config(AscendDeviceConfig(iterations_per_loop=5)).graph_options.rewrite_options
-    assert looped.custom_optimizers[0].parameter_map["enable_data_pre_proc"].b is True
-    single = make_session_config(AscendDeviceConfig()).graph_options.rewrite_options
-    assert "enable_data_pre_proc" not in single.custom_optimizers[0].parameter_map
+        make_device(AscendDeviceConfig(), {"RANK_SIZE": "2"})
 
 
-def test_iterations_per_loop_needs_whole_loops():
-    from types import SimpleNamespace
-
-    from effnet_exp.training.config import OptimizerConfig, TrainConfig
-    from effnet_exp.training.optimizers import check_training_config
-
-    cfg = SimpleNamespace(optimizer=OptimizerConfig(), device=AscendDeviceConfig(iterations_per_loop=10),
-                          train=TrainConfig(log_every=20, checkpoint_every=100, steps=1000))
-    check_training_config(cfg)
+def test_iterations_per_loop_needs_whole_loops(fake_npu_bridge):
+    """train.* step counts must be whole device loops; an epoch-derived step total is rounded up (spec.py)."""
+    cfg = run_config("device=ascend", "device.iterations_per_loop=10", "train.log_every=20",
+                     "train.checkpoint_every=100", "train.steps=1000")
+    device = make_device(cfg.device, NO_RANKS)
+    device.check(cfg)
     cfg.train.log_every = 15
     with pytest.raises(UserError, match="train.log_every=15 must be a multiple of device.iterations_per_loop=10"):
-        check_training_config(cfg)
-    cfg.device = CpuDeviceConfig()  # no device loop: any value
-    check_training_config(cfg)
+        device.check(cfg)
+    make_device(CpuDeviceConfig()).check(cfg)  # no device loop: any value
+
+
+def test_epoch_step_total_is_rounded_up_to_whole_loops():
+    from effnet_exp.spec import _step_total
+
+    train = run_config("train.epochs=1", "train.batch_size=10").train
+    assert _step_total(train, 95, 1) == 10
+    assert _step_total(train, 95, 4) == 12  # 10 steps -> 3 loops of 4
+    assert _step_total(train, 80, 4) == 8

@@ -21,15 +21,18 @@ import socket
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from hydra.errors import ConfigCompositionException
 
 from conftest import RUN_PY, TINY, run_py
-from effnet_exp.devices.strategy import check_strategy_config, read_tf_config
+from effnet_exp.devices.config import check_device
+from effnet_exp.devices.distribute import read_tf_config
+from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError
+from factory import run_config
 
 # Lite0 cut to its first 3 blocks (same variable names, a fraction of the graph-building time): the strategy code
 # does not depend on the depth, and this file must stay fast on 2 cores.
@@ -138,10 +141,10 @@ def test_mirrored_on_two_cpu_devices_matches_one_replica_and_resumes(single_and_
     assert proc.returncode == 0, proc.stderr[-3000:]
     log_text = (mirrored / "run.log").read_text()
     assert "resumed from " + str(mirrored / "checkpoints" / "model.ckpt-2") in log_text
-    assert "input stream resumes after 2 batches of 8" in log_text
-    assert "tf.distribute mirrored: 2 replicas on /replica:0/task:0/device:CPU:0, " \
-           "/replica:0/task:0/device:CPU:1; global batch 8 = 4 per replica x 2" in log_text
-    assert "optimizer.lr as given" in log_text
+    assert "the input stream continues after 2 steps of global batch 8" in log_text
+    assert "global batch 8 = 4 per device x 2 device(s); tf.distribute mirrored: 2 replicas on " \
+           "/replica:0/task:0/device:CPU:0, /replica:0/task:0/device:CPU:1" in log_text
+    assert "learning rate 0.02 (constant)" in log_text  # optimizer.lr as given: no scale_batch
     # The two replicas' copies of every variable are identical after training (checked in the process).
     assert "step 3: the copies of" in log_text and "on this process's 2 device(s) agree (largest |difference| 0)" \
         in log_text
@@ -213,16 +216,13 @@ def test_two_workers_on_localhost_match_one_replica_and_only_the_chief_writes(si
 _PROBE = """
 import json, sys, types
 import tensorflow as tf
-from effnet_exp.devices.ascend_env import DataParallel
-from effnet_exp.devices.config import GpuDeviceConfig, LossScaleConfig
-from effnet_exp.devices.loss_scaling import wrap_optimizer
-from effnet_exp.devices.strategy import apply_if_all_finite, make_replicas
+from effnet_exp.devices.config import CpuDeviceConfig, GpuDeviceConfig, LossScaleConfig, Strategy
+from effnet_exp.devices.factory import make_device
 
 mode = sys.argv[1]
-device = types.SimpleNamespace(name="cpu", strategy="mirrored", replicas=2, xla=False)
 graph = tf.Graph()
 with graph.as_default():
-    replicas = make_replicas(device)
+    replicas = make_device(CpuDeviceConfig(strategy=Strategy.mirrored, replicas=2)).replicas()
 with graph.as_default(), replicas.scope():
     step = tf.compat.v1.train.get_or_create_global_step()
     bad = tf.compat.v1.placeholder(tf.int32, [])  # the replica whose loss is infinite (-1: none)
@@ -236,9 +236,9 @@ with graph.as_default(), replicas.scope():
             grads_and_vars = opt.compute_gradients(loss, [w])
             finite = tf.logical_and(tf.math.is_finite(loss),
                                     tf.math.is_finite(tf.linalg.global_norm([grads_and_vars[0][0]])))
-            return apply_if_all_finite(opt, grads_and_vars, finite, step), {}
+            return replicas.apply_if_finite(opt, grads_and_vars, finite, step), {}
         gpu = GpuDeviceConfig(mixed_precision=True, loss_scale=LossScaleConfig(init_scale=128.0, incr_every_n_steps=2))
-        scaled, scaling = wrap_optimizer(opt, gpu, DataParallel(1, 0))
+        scaled, scaling = make_device(gpu).wrap_optimizer(opt)
         update = scaling.apply_gradients(scaled.compute_gradients(loss, [w]), step)
         return update, scaling.monitors(update)
 
@@ -340,39 +340,40 @@ def test_batch_not_divisible_by_the_replicas_is_one_clear_error(tmp_path, cache_
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
-def _cfg(strategy="mirrored", replicas=2, device="cpu", batch=8, mode="train_eval", **train):
-    device_cfg = types.SimpleNamespace(name=device, strategy=strategy, replicas=replicas, xla=train.pop("xla", False),
-                                       mixed_precision=train.pop("mixed_precision", False))
-    train_cfg = dict(batch_size=batch, nonfinite_policy="stop", ema_decay=None, clip_grad_norm=None)
-    train_cfg.update(train)
-    return types.SimpleNamespace(device=device_cfg, mode=mode, train=types.SimpleNamespace(**train_cfg))
+def _check(*overrides, environ=None):
+    """validate's device part for `python run.py <overrides>`: the schema's checks, the device, its run checks."""
+    cfg = run_config(*(("train.batch_size=8",) + overrides))
+    check_device(cfg.device)
+    make_device(cfg.device, {} if environ is None else environ).check(cfg)
 
 
 def test_strategy_config_errors_name_the_fields():
-    check_strategy_config(_cfg())
-    check_strategy_config(_cfg(strategy="none", replicas=0))
-    check_strategy_config(_cfg(ema_decay=0.99, clip_grad_norm=1.0))
-    check_strategy_config(_cfg(nonfinite_policy="skip", ema_decay=0.99, clip_grad_norm=1.0))
+    mirrored = ("device.strategy=mirrored", "device.replicas=2")
+    _check(*mirrored)
+    _check("device.strategy=none", "device.replicas=0")
+    _check("train.ema_decay=0.99", "train.clip_grad_norm=1.0", *mirrored)
+    _check("train.nonfinite_policy=skip", "train.ema_decay=0.99", "train.clip_grad_norm=1.0", *mirrored)
     # Mixed precision is accepted under a strategy; what stops this one is that there is no GPU here.
     with pytest.raises(UserError, match=r"device=gpu device.strategy=mirrored device.replicas=0 \(every GPU\): no GPU"):
-        check_strategy_config(_cfg(device="gpu", replicas=0, mixed_precision=True, nonfinite_policy="skip"))
+        _check("device=gpu", "device.strategy=mirrored", "device.mixed_precision=true", "train.nonfinite_policy=skip")
     with pytest.raises(UserError, match=r"cannot be combined with device.xla=true \(not supported yet"):
-        check_strategy_config(_cfg(xla=True))
-    with pytest.raises(UserError, match=r"device.strategy='horovod' is not one of none, mirrored, multi_worker"):
-        check_strategy_config(_cfg(strategy="horovod"))
+        _check("device.xla=true", *mirrored)
+    with pytest.raises(ConfigCompositionException) as err:
+        _check("device.strategy=horovod")
+    assert "'horovod'" in str(err.value.__cause__) and "none, mirrored, multi_worker" in str(err.value.__cause__)
     with pytest.raises(UserError, match=r"device.replicas=2 needs device.strategy=mirrored"):
-        check_strategy_config(_cfg(strategy="none"))
+        _check("device.replicas=2")
     with pytest.raises(UserError, match=r"device=cpu device.strategy=mirrored needs device.replicas=N >= 1"):
-        check_strategy_config(_cfg(replicas=0))
+        _check("device.strategy=mirrored")
     with pytest.raises(UserError, match=r"device=ascend has its own data parallelism"):
-        check_strategy_config(_cfg(device="ascend"))
-    check_strategy_config(_cfg(mode="eval", ema_decay=0.99))  # evaluation runs on one device: no objection
+        check_device(run_config("device=ascend", "device.strategy=mirrored").device)
+    _check("mode=eval", "train.ema_decay=0.99", *mirrored)  # evaluation runs on one device: no objection
     with pytest.raises(UserError, match=r"TF_CONFIG"):
-        check_strategy_config(_cfg(strategy="multi_worker", replicas=0), environ={})
+        _check("device.strategy=multi_worker")
     three = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:1", "c:1"]},
                                       "task": {"type": "worker", "index": 2}})}
     with pytest.raises(UserError, match=r"train.batch_size=8 is not divisible by the 3 replicas"):
-        check_strategy_config(_cfg(strategy="multi_worker", replicas=0), environ=three)
+        _check("device.strategy=multi_worker", environ=three)
 
 
 def test_tf_config_chief_and_worker_ids():

@@ -174,7 +174,7 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tmp_path, ca
     assert proc.returncode == 0, proc.stderr[-3000:]
     log_text = (killed / "run.log").read_text()
     assert "resumed from " + latest in log_text
-    assert "input stream resumes after %d batches" % kept in log_text
+    assert "the input stream continues after %d steps" % kept in log_text
     # metrics.jsonl: the lost steps logged once, as in the uninterrupted run; the same final step.
     assert _steps(killed) == _steps(straight) == list(range(1, 13))
     final = tf.compat.v1.train.latest_checkpoint(str(killed / "checkpoints"))

@@ -1,5 +1,6 @@
 """The training recipe (schedules, label smoothing, weight decay, clipping, weight EMA, eval.use_ema) and the GPU's
 mixed-precision wiring, on small real graphs, plus one tiny real run with the whole recipe switched on."""
+import copy
 import json
 import math
 import os
@@ -9,13 +10,17 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
 
+from hydra.errors import ConfigCompositionException
+
 from conftest import TINY, run_py
-from effnet_exp.devices.ascend_env import DataParallel
-from effnet_exp.devices.config import CpuDeviceConfig, GpuDeviceConfig, LossScaleConfig
+from effnet_exp.devices.base import Purpose
+from effnet_exp.devices.config import CpuDeviceConfig, GpuDeviceConfig, LossScaleConfig, check_loss_scale
+from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError
 from effnet_exp.model.restore import EMA_SUFFIX
-from effnet_exp.training.config import OptimizerConfig, ScheduleConfig, TrainConfig
-from effnet_exp.training.schedules import Schedule, check_schedule_config, learning_rate
+from effnet_exp.training.config import OptimizerConfig, ScheduleConfig, TrainConfig, check_train
+from effnet_exp.training.schedules import Schedule
+from factory import run_config
 
 
 def graph_values(tensor_fn, feeds):
@@ -42,7 +47,7 @@ def test_reference_schedule_warmup_then_exponential_decay():
                 0.128 * 0.97 ** math.floor(218000 / decay_steps)]
     assert [schedule.at(s) for s in steps] == pytest.approx(expected, rel=1e-9)
     # The graph form is a function of the global step alone: a resumed run continues at the same rate.
-    graph = graph_values(lambda step: learning_rate(opt, step, 2048, steps_per_epoch, 350 * steps_per_epoch)[0],
+    graph = graph_values(lambda step: Schedule(opt, 2048, steps_per_epoch, 350 * steps_per_epoch).tensor(step),
                          steps)
     assert graph == pytest.approx(expected, rel=1e-6)
 
@@ -53,22 +58,23 @@ def test_cosine_and_constant_schedules():
     steps = [0, 5, 10, 60, 110, 200]
     expected = [0.0, 0.05, 0.1, 0.05, 0.0, 0.0]
     assert [schedule.at(s) for s in steps] == pytest.approx(expected, abs=1e-12)
-    assert graph_values(lambda s: learning_rate(opt, s, 32, 10, 110)[0], steps) == pytest.approx(expected, abs=1e-7)
+    assert graph_values(lambda s: Schedule(opt, 32, 10, 110).tensor(s), steps) == pytest.approx(expected, abs=1e-7)
     constant = OptimizerConfig(lr=0.3)
-    assert graph_values(lambda s: learning_rate(constant, s, 32, 10, 110)[0], [0, 999]) == pytest.approx([0.3, 0.3])
-    with pytest.raises(UserError, match=r"optimizer.schedule.name='linear'"):
-        check_schedule_config(ScheduleConfig(name="linear"))
+    assert graph_values(lambda s: Schedule(constant, 32, 10, 110).tensor(s), [0, 999]) == pytest.approx([0.3, 0.3])
+    with pytest.raises(ConfigCompositionException) as err:
+        run_config("optimizer.schedule.name=linear")
+    assert "'linear'" in str(err.value.__cause__) and "constant, exponential, cosine" in str(err.value.__cause__)
 
 
 def test_label_smoothing_and_weight_decay_skip_batch_norm():
     from effnet_exp.model.config import ModelConfig
     from effnet_exp.model.efficientnet import build_efficientnet
     from effnet_exp.training.regularization import decayed_variables, weight_decay_loss
-    from effnet_exp.training.trainer import cross_entropy_loss
+    from effnet_exp.training.metrics import cross_entropy
 
     with tf.Graph().as_default():
         logits = tf.constant([[2.0, 0.0, -1.0]])
-        smoothed = cross_entropy_loss(logits, tf.constant([0]), 3, label_smoothing=0.3)
+        smoothed = cross_entropy(logits, tf.constant([0]), 3, label_smoothing=0.3)
         log_p = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
         target = tf.constant([[0.8, 0.1, 0.1]])  # 1 - 0.3 + 0.3/3, 0.3/3, 0.3/3
         manual = -tf.reduce_sum(target * log_p)
@@ -141,23 +147,21 @@ def test_gpu_mixed_precision_wiring_and_dynamic_loss_scale():
     """No GPU here: the float16 rewrite itself cannot run (Grappler skips auto_mixed_precision without a GPU), so
     this checks the session config switch and the loss-scale optimizer, which does run and is exercised for real:
     the scale grows after incr_every_n_steps finite steps, an overflow step is skipped, counted and halves it."""
-    from effnet_exp.devices.loss_scaling import wrap_optimizer
-    from effnet_exp.devices.session import make_session_config
-
-    device = GpuDeviceConfig(mixed_precision=True, loss_scale=LossScaleConfig(init_scale=128.0, incr_every_n_steps=2))
-    config = make_session_config(device)
+    device = make_device(GpuDeviceConfig(mixed_precision=True,
+                                         loss_scale=LossScaleConfig(init_scale=128.0, incr_every_n_steps=2)))
+    config = device.session_config(Purpose.TRAIN)
     assert config.graph_options.rewrite_options.auto_mixed_precision == RewriterConfig.ON
-    off = make_session_config(GpuDeviceConfig())
+    off = make_device(GpuDeviceConfig()).session_config(Purpose.TRAIN)
     assert off.graph_options.rewrite_options.auto_mixed_precision != RewriterConfig.ON
     with tf.Graph().as_default():
         w = tf.compat.v1.get_variable("toy/kernel", initializer=1.0)
         scale = tf.compat.v1.placeholder_with_default(1.0, [])
         loss = tf.square(w - 3.0) * scale
         step = tf.compat.v1.train.get_or_create_global_step()
-        opt, scaling = wrap_optimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1), device, DataParallel(1, 0))
+        opt, scaling = device.wrap_optimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1))
         assert type(opt).__name__ == "MixedPrecisionLossScaleOptimizer"
-        assert wrap_optimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1), CpuDeviceConfig(),
-                              DataParallel(1, 0))[1] is None
+        assert make_device(CpuDeviceConfig()).wrap_optimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1))[1] \
+            is None
         train = scaling.apply_gradients(opt.compute_gradients(loss, [w]), step)
         monitors = scaling.monitors(train)
         cpu = tf.compat.v1.ConfigProto()
@@ -175,29 +179,28 @@ def test_gpu_mixed_precision_wiring_and_dynamic_loss_scale():
 
 
 def test_recipe_config_errors_name_the_key():
-    from effnet_exp.devices.loss_scaling import check_loss_scale_config
-    from effnet_exp.training.regularization import check_recipe_config
-
     for train, key in ((TrainConfig(label_smoothing=1.0), "train.label_smoothing=1.0"),
                        (TrainConfig(weight_decay=-1.0), "train.weight_decay=-1.0"),
                        (TrainConfig(ema_decay=1.5), "train.ema_decay=1.5"),
                        (TrainConfig(clip_grad_norm=0.0), "train.clip_grad_norm=0.0")):
         with pytest.raises(UserError, match=key):
-            check_recipe_config(train)
-    check_recipe_config(TrainConfig())
+            check_train(train)
+    check_train(TrainConfig())
     with pytest.raises(UserError, match=r"device.loss_scale.scale='huge'"):
-        check_loss_scale_config(LossScaleConfig(scale="huge"))
-    check_loss_scale_config(LossScaleConfig(scale="1024"))
+        check_loss_scale(LossScaleConfig(scale="huge"))
+    check_loss_scale(LossScaleConfig(scale="1024"))
 
 
 def test_recipe_run_saves_ema_and_evaluates_it(tmp_path, cache_dir):
     """A tiny real run with the whole recipe on: the EMA shadows are in the checkpoint under the official names,
-    the logged lr follows the schedule, eval uses the EMA weights, and eval.use_ema=false the raw ones."""
+    the logged lr follows the schedule, eval uses the EMA weights, and eval.use_ema=false the raw ones; the config
+    object is the same after the run as before it (what the run derives lives in the run spec)."""
     from omegaconf import OmegaConf
 
     from effnet_exp.config import Mode
-    from effnet_exp.experiment import Experiment
-    from effnet_exp.resume import SAVED_CONFIG, _typed
+    from effnet_exp.experiment import prepare, run
+    from effnet_exp.resume import _typed
+    from effnet_exp.run_folder import SAVED_CONFIG
 
     run_dir = tmp_path / "run"
     proc = run_py(TINY + ["train.ema_decay=0.9999", "train.weight_decay=1e-5", "train.label_smoothing=0.1",
@@ -222,7 +225,11 @@ def test_recipe_run_saves_ema_and_evaluates_it(tmp_path, cache_dir):
     cfg.mode, cfg.eval.checkpoint, cfg.eval.use_ema = Mode.eval, str(run_dir), False
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
-    Experiment(cfg, str(eval_dir)).run()
+    before = copy.deepcopy(cfg)
+    spec = prepare(cfg, str(eval_dir))
+    assert spec.cfg is cfg and spec.class_names == [str(d) for d in range(10)]
+    run(spec)
+    assert cfg == before
     raw = json.load(open(str(eval_dir / "eval.json")))
     assert raw["weights"] == "raw" and raw["checkpoint"] == ema["checkpoint"]
     assert raw["loss"] != ema["loss"]

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from effnet_exp.data.config import Builtin
 from effnet_exp.data.records import make_example, write_tfrecord
+from effnet_exp.optional import load_digits
 
 MANIFEST = "manifest.json"
 LABELS_FILE = "labels.txt"
@@ -67,8 +68,6 @@ def _stratified_split(labels, eval_fraction, seed):
 
 
 def _digits_arrays():
-    from sklearn.datasets import load_digits  # imported lazily: slow, and only needed once
-
     digits = load_digits()
     images = np.asarray(digits.images, dtype=np.float64)  # [N, 8, 8], values 0..16
     labels = np.asarray(digits.target, dtype=np.int64)

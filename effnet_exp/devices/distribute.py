@@ -134,6 +134,9 @@ class SingleDevice(object):
 
         return tf.cond(finite, apply, skip)
 
+    def describe(self):
+        return None
+
     def watch_copies(self):
         pass
 
@@ -182,8 +185,6 @@ class Replicated(object):
     def input_iterator(self, dataset_fn, global_batch):
         """(initializer op, per-replica (images, labels)): every worker reads dataset_fn()'s global batches and each
         replica takes its contiguous slice of each (global replica r: images [r * b, (r + 1) * b))."""
-        import tensorflow as tf
-
         per_replica = global_batch // self.count
 
         def input_fn(context):
@@ -223,6 +224,16 @@ class Replicated(object):
                       "top1": mean(outputs["top1"]), "lr": mean(outputs["lr"]),
                       "extra": {k: mean(v) for k, v in outputs.get("extra", {}).items()}}
         return merged
+
+    def describe(self):
+        if self.task is None:
+            where = "{} replicas on {}".format(self.count, ", ".join(self.local_devices))
+        else:
+            where = "{} replicas in all, this is {}:{} (worker {} of {}{}) with {}".format(
+                self.count, self.task.type, self.task.index, self.task.id, self.task.count,
+                ", the chief" if self.task.chief else "", ", ".join(self.local_devices))
+        return "tf.distribute {}: {}; gradients summed over the replicas (each loss / {}), batch-norm statistics " \
+               "per replica".format(self.name, where, self.count)
 
     def watch_copies(self):
         """Builds the check of report_copies over every variable there is now (call once the graph is complete)."""

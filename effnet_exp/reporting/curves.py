@@ -4,14 +4,13 @@ import os
 
 from effnet_exp import run_folder
 from effnet_exp.reporting.files import eval_points, split_metrics
+from effnet_exp.reporting.plots import draw_run_curves
 
 log = logging.getLogger(__name__)
 
 
 def draw_curves(run_dir):
     """Redraws <run_dir>/curves.png; returns its path. Raises what matplotlib or the disk raise."""
-    from effnet_exp.reporting.plots import draw_run_curves
-
     train, evals = split_metrics(run_folder.read_metrics(run_folder.metrics_path(run_dir)))
     path = os.path.join(run_dir, run_folder.CURVES)
     draw_run_curves(path, os.path.abspath(run_dir), train, eval_points(run_dir, evals))

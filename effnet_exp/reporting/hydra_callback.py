@@ -10,6 +10,9 @@ import sys
 
 from hydra.experimental.callback import Callback
 
+from effnet_exp.reporting.jobs import first_line
+from effnet_exp.reporting.sweep_summary import collect, write_report
+
 log = logging.getLogger(__name__)
 
 _LAST = {}  # the last report of this process: {"sweep_dir", "failed", "jobs"}
@@ -17,9 +20,6 @@ _LAST = {}  # the last report of this process: {"sweep_dir", "failed", "jobs"}
 
 def report_sweep(sweep_dir):
     """write_report, remembered for sweep_exit_status; a report that cannot be written is logged."""
-    from effnet_exp.reporting.jobs import first_line
-    from effnet_exp.reporting.sweep_summary import collect, write_report
-
     sweep_dir = os.path.abspath(sweep_dir)
     try:
         report = write_report(sweep_dir)

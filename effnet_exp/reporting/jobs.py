@@ -5,6 +5,8 @@ import os
 import socket
 import time
 
+from omegaconf import OmegaConf
+
 from effnet_exp.run_folder import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,6 @@ def share_cores(cfg, hydra_cfg):
     Only when device.intra_op_threads is 0 (TensorFlow's choice, which would give every job all the cores);
     an explicit device.intra_op_threads / inter_op_threads wins. Returns the thread count set, or None.
     """
-    from omegaconf import OmegaConf
-
     target = OmegaConf.select(hydra_cfg, "launcher._target_") or ""
     if "joblib" not in str(target).lower() or cfg.device.intra_op_threads:
         return None

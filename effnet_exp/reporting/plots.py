@@ -1,17 +1,14 @@
-"""The only module that imports matplotlib: figures drawn with the Agg canvas (no display, no pyplot state)."""
+"""The only module that draws with matplotlib (through effnet_exp.optional): figures drawn with the Agg canvas (no display, no pyplot state)."""
 import io
 
+from effnet_exp.optional import matplotlib
 from effnet_exp.run_folder import atomic_write_bytes
 
 
 def _figure(width, height):
-    import matplotlib
-    matplotlib.use("Agg")  # before anything else of matplotlib's: a headless backend
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
+    mpl = matplotlib()
+    figure = mpl.Figure(figsize=(width, height), dpi=100)
+    mpl.FigureCanvasAgg(figure)
     return figure
 
 
@@ -23,10 +20,8 @@ def _save(figure, path, bottom=0.0):
 
 
 def _integer_steps(*axes_list):
-    from matplotlib.ticker import MaxNLocator
-
     for axes in axes_list:
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.xaxis.set_major_locator(matplotlib().MaxNLocator(integer=True))
 
 
 def _finite(points):
@@ -67,8 +62,7 @@ def draw_sweep(path, title, jobs):
 
     jobs: [(label, train_records, eval points [(step, top1)])].
     """
-    from matplotlib.lines import Line2D
-
+    Line2D = matplotlib().Line2D
     rows = (len(jobs) + 1) // 2 if len(jobs) > 6 else len(jobs)
     figure = _figure(12, 4.5 + 0.2 * rows)
     eval_axes = figure.add_subplot(1, 2, 1)

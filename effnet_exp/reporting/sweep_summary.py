@@ -15,6 +15,7 @@ import yaml
 from effnet_exp import run_folder
 from effnet_exp.reporting.files import eval_points, split_metrics
 from effnet_exp.reporting.jobs import COMPLETED, FAILED, STATUS_FILE
+from effnet_exp.reporting.plots import draw_sweep
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,6 @@ def write_report(sweep_dir, figure=True):
     run_folder.atomic_write_text(os.path.join(report.sweep_dir, SUMMARY_CSV), _csv_text(report.rows))
     run_folder.atomic_write_text(os.path.join(report.sweep_dir, SUMMARY_MD), _md_text(report))
     if figure:
-        from effnet_exp.reporting.plots import draw_sweep
-
         jobs = [("#{} {}{}".format(row["job"], _short(row["swept"] or row["overrides"]),
                                    "" if row["status"] == COMPLETED else " ({})".format(row["status"])), train, points)
                 for row, (train, points) in zip(report.rows, report.jobs)]

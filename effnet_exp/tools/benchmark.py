@@ -31,6 +31,7 @@ from effnet_exp.devices.base import Purpose  # noqa: E402
 from effnet_exp.devices.config import CpuDeviceConfig  # noqa: E402
 from effnet_exp.devices.factory import make_device  # noqa: E402
 from effnet_exp.model.efficientnet import build_efficientnet  # noqa: E402
+from effnet_exp import optional  # noqa: E402
 from effnet_exp.model.pretrained.importer import load_model_config  # noqa: E402
 from effnet_exp.training.metrics import cross_entropy  # noqa: E402
 
@@ -157,11 +158,8 @@ def model_flops(model_name, image_size):
 def keras_steps(model_name, batch, image_size, threads):
     """{"train": step, "eval": step} for keras.applications' EfficientNet (same batch, optimizer and
     resolution as ours), or None without Keras 3."""
-    try:
-        import keras
-    except ImportError:
-        return None
-    if not keras.__version__.startswith("3"):
+    keras = optional.keras()
+    if keras is None:
         return None
 
     if threads[0]:

@@ -2,9 +2,10 @@
 
     python -m effnet_exp.tools.launch_ascend --devices 8 --rank-table rank_table.json -- experiment=... [overrides]
 
-Each rank runs `run.py device=ascend hydra.run.dir=<its folder> <overrides>` with RANK_SIZE, RANK_ID,
+Each rank runs `run.py device=ascend hydra.run.dir=<run folder> <overrides>` with RANK_SIZE, RANK_ID,
 RANK_TABLE_FILE, ASCEND_DEVICE_ID and DEVICE_ID set; rank 0 writes the run folder (checkpoints, eval.json,
-TensorBoard), rank k>0 only its own log and metrics under <run folder>/rank_<k>/. Each rank's stdout and stderr
+TensorBoard), rank k>0 only its own log and metrics under <run folder>/rank_<k>/, and every rank resumes from the
+run folder's checkpoints (docs/distributed.md). Each rank's stdout and stderr
 go to <run folder>/logs/rank_<k>.log. When a rank exits with an error the others are stopped (SIGTERM, then
 SIGKILL after --grace seconds) and the launcher exits with that rank's status. `--exec -- CMD ARGS` runs CMD
 instead of run.py (with the same environment and logs).
@@ -16,6 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+
+from effnet_exp.devices.ascend_env import rank_table_devices
+from effnet_exp.errors import UserError
 
 RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "run.py")
 
@@ -51,9 +55,6 @@ def parse_args(argv):
 
 def rank_environments(devices, first_device, rank_table, environ=None):
     """The environment of each rank: RANK_SIZE, RANK_ID, RANK_TABLE_FILE, ASCEND_DEVICE_ID and DEVICE_ID."""
-    from effnet_exp.devices.ascend_env import rank_table_devices
-    from effnet_exp.errors import UserError
-
     environ = dict(os.environ if environ is None else environ)
     table = rank_table or environ.get("RANK_TABLE_FILE")
     if devices > 1:
@@ -84,11 +85,8 @@ def rank_environments(devices, first_device, rank_table, environ=None):
 def rank_commands(args, run_dir):
     if args.exec_command:
         return [list(args.args) for _ in range(args.devices)]
-    commands = []
-    for rank in range(args.devices):
-        folder = run_dir if rank == 0 else os.path.join(run_dir, "rank_{}".format(rank))
-        commands.append([sys.executable, RUN_PY, "device=ascend", "hydra.run.dir={}".format(folder)] + list(args.args))
-    return commands
+    command = [sys.executable, RUN_PY, "device=ascend", "hydra.run.dir={}".format(run_dir)] + list(args.args)
+    return [list(command) for _ in range(args.devices)]
 
 
 class Job(object):

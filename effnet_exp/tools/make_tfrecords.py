@@ -36,6 +36,7 @@ import numpy as np
 
 from effnet_exp.data.folder import scan_image_folder, sniff_image_format
 from effnet_exp.errors import UserError
+from effnet_exp.optional import pil_image
 
 MANIFEST = "manifest.json"
 LABELS_FILE = "labels.txt"
@@ -48,12 +49,7 @@ _CHUNK = 16  # images per worker task
 
 
 def _pil_image():
-    """PIL.Image, imported on first use: Pillow is optional, needed by this tool only (in its workers)."""
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise UserError("make_tfrecords needs Pillow ({}); install it with: pip install pillow".format(err))
-    return Image
+    return pil_image("make_tfrecords")
 
 
 def _to_rgb(image):

@@ -8,14 +8,14 @@ import argparse
 import os
 import sys
 
+from effnet_exp.reporting.sweep_summary import SUMMARY_MD, find_jobs, write_report
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m effnet_exp.tools.summarize", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a sweep folder, e.g. multirun_sweeps/2026-11-28/10-00-00.123456")
     parser.add_argument("--no-figure", action="store_true", help="skip summary.png (no matplotlib needed)")
     args = parser.parse_args(argv)
-
-    from effnet_exp.reporting.sweep_summary import SUMMARY_MD, find_jobs, write_report
 
     if not os.path.isdir(args.sweep_dir):
         sys.stderr.write("error: {}: no such folder\n".format(args.sweep_dir))

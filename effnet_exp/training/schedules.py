@@ -22,8 +22,11 @@ class Schedule(object):
         cfg = opt_cfg.schedule
         self.name = ScheduleName(cfg.name)
         self.base_lr = float(opt_cfg.lr)
+        self.scaling = None
         if cfg.scale_batch:
             self.base_lr *= float(global_batch) / cfg.scale_batch
+            self.scaling = "optimizer.lr {:g} x global batch {} / optimizer.schedule.scale_batch {}".format(
+                opt_cfg.lr, global_batch, cfg.scale_batch)
         self.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
         self.decay_steps = max(cfg.decay_epochs * steps_per_epoch, 1e-9)
         self.decay_rate = float(cfg.decay_rate)
@@ -31,7 +34,8 @@ class Schedule(object):
         self.total_steps = max(int(total_steps), self.warmup_steps + 1)
 
     def describe(self):
-        text = "learning rate {:.4g} ({})".format(self.base_lr, self.name.value)
+        text = "learning rate {:.4g} ({}{})".format(self.base_lr, self.name.value,
+                                                    "; " + self.scaling if self.scaling else "")
         if self.name == ScheduleName.exponential:
             text += ", x{} every {:.1f} steps".format(self.decay_rate, self.decay_steps)
         elif self.name == ScheduleName.cosine:
@@ -73,9 +77,3 @@ class Schedule(object):
             if self.warmup_steps:
                 lr = tf.where(step < self.warmup_steps, base * step / self.warmup_steps, lr)
             return tf.cast(lr, tf.float32, name="learning_rate")
-
-
-def learning_rate(opt_cfg, global_step, global_batch, steps_per_epoch, total_steps):
-    """(float32 tensor of global_step, Schedule) for optimizer.schedule."""
-    schedule = Schedule(opt_cfg, global_batch, steps_per_epoch, total_steps)
-    return schedule.tensor(global_step), schedule

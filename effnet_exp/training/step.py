@@ -4,6 +4,7 @@ build_train_step: the replica step (forward, loss, gradients, the update) replic
 step the weights' moving average, then the device loop; and what runs once the session has its variables (the
 average's reset, the rank-0 broadcast, the loop variables).
 """
+import logging
 from collections import namedtuple
 
 import tensorflow as tf
@@ -15,6 +16,8 @@ from effnet_exp.training.metrics import cross_entropy, top_k_accuracy
 from effnet_exp.training.optimizers import build_optimizer
 from effnet_exp.training.regularization import WeightsAverage, clip_gradients, weight_decay_loss
 from effnet_exp.training.schedules import Schedule
+
+log = logging.getLogger(__name__)
 
 
 class TrainStep(namedtuple("TrainStep", "train_op loss top1 monitors schedule steps_per_run average broadcast loop "
@@ -33,6 +36,7 @@ class TrainStep(namedtuple("TrainStep", "train_op loss top1 monitors schedule st
             sess.run(self.average.reset_op)
         if self.broadcast is not None:
             sess.run(self.broadcast)
+            log.info("variables broadcast from rank 0")
         self.loop.load(sess)
         return int(sess.run(self.overflow_counter)) if self.overflow_counter is not None else 0
 

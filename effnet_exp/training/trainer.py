@@ -51,7 +51,8 @@ class Trainer(object):
             init = tf.compat.v1.global_variables_initializer()
             writer = self._summary_writer(graph)
             graph.finalize()
-        log.info("%s; %s", spec.placement.describe(cfg.train.batch_size), step.schedule.describe())
+        log.info("; ".join(filter(None, [spec.placement.describe(cfg.train.batch_size), replicas.describe(),
+                                         step.schedule.describe()])))
         try:
             with replicas.session(graph, spec.device.session_config(Purpose.TRAIN)) as sess:
                 sess.run(init)
