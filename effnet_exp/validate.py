@@ -7,16 +7,20 @@ from effnet_exp.config import INFERENCE_MODES, Mode, requested_image_size
 from effnet_exp.data.config import check_dataset
 from effnet_exp.devices.config import check_device
 from effnet_exp.errors import UserError
+from effnet_exp.export.config import check_export
+from effnet_exp.model.config import check_model
 from effnet_exp.training.config import check_eval, check_optimizer, check_train
 
 
 def validate(cfg):
     """UserError naming the key and value at fault, for the first problem found."""
     check_dataset(cfg.dataset)
+    check_model(cfg.model)
     check_optimizer(cfg.optimizer)
     check_train(cfg.train)
     check_eval(cfg.eval)
     check_device(cfg.device)
+    check_export(cfg.export)
     if cfg.mode in INFERENCE_MODES and not cfg.eval.checkpoint:
         raise UserError("mode={} needs eval.checkpoint=<checkpoint prefix, run folder or package:<variant>>".format(
             cfg.mode.value))

@@ -4,6 +4,8 @@ device's name outside effnet_exp/devices/."""
 import ast
 import os
 import re
+import subprocess
+import sys
 
 from conftest import REPO
 
@@ -135,3 +137,12 @@ def test_only_devices_know_the_device_names():
     assert found == []
     assert DEVICE_NAME_TEST.search('if device_cfg.name == "ascend":') and CONFIG_GETATTR.search(
         'getattr(device_cfg, "loss_scale", None)')
+
+
+def test_config_and_validation_import_no_tensorflow():
+    """run.py composes and validates the config before TensorFlow loads (a bad value costs no TF start-up)."""
+    code = ("import sys; import effnet_exp.config, effnet_exp.validate, effnet_exp.resume, effnet_exp.run_folder; "
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, universal_newlines=True,
+                         check=True).stdout
+    assert out.strip() == "False"

@@ -18,12 +18,10 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.config import Builtin
+from effnet_exp.data.config import Builtin, LABELS_FILE, MANIFEST
 from effnet_exp.data.records import make_example, write_tfrecord
 from effnet_exp.optional import load_digits
 
-MANIFEST = "manifest.json"
-LABELS_FILE = "labels.txt"
 
 _DIGITS_VERSION = "digits-v1"
 _DIGITS_SIZE = 32

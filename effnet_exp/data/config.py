@@ -6,6 +6,11 @@ from typing import List, Optional
 from effnet_exp.errors import UserError
 
 
+# The files beside a dataset's TFRecord shards: class names one per line, and what the conversion wrote.
+LABELS_FILE = "labels.txt"
+MANIFEST = "manifest.json"
+
+
 class Normalization(str, enum.Enum):
     """How 0-255 pixels become the model's input (effnet_exp/data/preprocessing.py:normalize)."""
     imagenet = "imagenet"  # (x - ImageNet mean) / ImageNet std, per channel, on the 0-255 scale

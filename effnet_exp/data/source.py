@@ -7,6 +7,7 @@ from collections import namedtuple
 import tensorflow as tf
 
 from effnet_exp.data.bundled import prepare_builtin
+from effnet_exp.data.config import LABELS_FILE, MANIFEST
 from effnet_exp.data.diagnostics import SKIP_HINT, describe_bad_record, label_message
 from effnet_exp.data.folder import scan_image_folder
 from effnet_exp.data.records import count_records, inspect_payload, list_files
@@ -25,9 +26,6 @@ files (image files for an image folder); num_train / num_eval: record counts; cl
 None; kind: "tfrecord" or "folder"; train_items / eval_items: [(image path, label)] for an image
 folder, else None; num_classes: what the data says (class folders, manifest.json), else None.
 Pass it to pipeline.build_dataset."""
-
-MANIFEST = "manifest.json"
-LABELS_FILE = "labels.txt"
 
 
 def resolve_data_source(ds_cfg, need_train=True, need_eval=True):

@@ -10,8 +10,8 @@
   <run folder>/worker_<id>/ (run.log, metrics.jsonl, curves.png) and reads the chief's checkpoints to resume, so
   the run folder must be on a file system all workers see under the same path.
 
-What is replicated is training/step.py's replica step: forward pass, loss and the optimizer update, once per replica. Under a
-strategy train.batch_size is the GLOBAL batch: every worker reads the same input stream as a single-device run
+What is replicated is training/step.py's replica step: forward pass, loss and the optimizer update, once per
+replica. train.batch_size is the GLOBAL batch (devices/placement.py): every worker reads the same input stream as a single-device run
 (same records, crops and flips; a resume starts after step * global batch records) and each replica takes its
 contiguous slice of every global batch, so the replicas of one step see exactly the single-device batch. Each
 replica's loss is divided by the replica count and the v1 optimizer sums the gradients over the replicas in

@@ -9,8 +9,7 @@ from effnet_exp import run_folder
 from effnet_exp.data.diagnostics import data_errors, skipped_records
 from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.devices.base import Purpose
-from effnet_exp.model.efficientnet import build_efficientnet
-from effnet_exp.model.restore import WeightsPlan, model_variables
+from effnet_exp.model.restore import InferenceModel
 from effnet_exp.training.checkpoints import checkpoint_step
 from effnet_exp.training.metrics import cross_entropy, top_k_hits
 from effnet_exp.training.summaries import write_scalars
@@ -28,7 +27,8 @@ class Evaluator(object):
                                 image_size=spec.image_size, normalization=spec.normalization)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         images, labels = iterator.get_next()
-        logits, _ = build_efficientnet(images, spec.model, is_training=False)
+        model = InferenceModel(images, spec.model, checkpoint, spec.use_ema)
+        logits = model.logits
         losses = cross_entropy(logits, labels, spec.model.num_classes, per_image=True)
 
         def hits(k):
@@ -36,20 +36,17 @@ class Evaluator(object):
 
         counts = {"top1": hits(1), "top5": hits(5), "num_images": tf.size(labels, out_type=tf.int64),
                   "loss_sum": tf.reduce_sum(tf.cast(losses, tf.float64))}
-        scope = spec.model.name
-        plan = WeightsPlan(checkpoint, model_variables(scope), scope, "ema" if spec.use_ema else "raw")
-        return iterator, counts, plan
+        return iterator, counts, model
 
     def evaluate(self, checkpoint):
         graph = tf.Graph()
         with graph.as_default():
-            iterator, count_ops, plan = self._build(checkpoint)
-            saver = plan.saver()
+            iterator, count_ops, model = self._build(checkpoint)
         graph.finalize()
         totals = {k: 0 for k in count_ops}
         started = time.time()
         with tf.compat.v1.Session(graph=graph, config=self.spec.device.session_config(Purpose.INFERENCE)) as sess:
-            saver.restore(sess, checkpoint)
+            model.restore(sess)
             sess.run(iterator.initializer)
             with data_errors(self.spec.cfg.dataset):
                 while True:
@@ -59,7 +56,7 @@ class Evaluator(object):
                         break
                     for k, v in values.items():
                         totals[k] += v
-        result = self._result(checkpoint, totals, skipped_records(graph), plan, time.time() - started)
+        result = self._result(checkpoint, totals, skipped_records(graph), model.plan, time.time() - started)
         self._write(result)
         log.info("eval of %s (%s weights): top1 %.4f top5 %.4f over %d images", checkpoint, result["weights"],
                  result["top1"], result["top5"], result["num_images"])

@@ -1,4 +1,3 @@
-"""What a run and a sweep show a person: learning curves, the per-job status file and the sweep report.
-
-Nothing here imports TensorFlow; matplotlib is imported (lazily, Agg backend) only by `plots`.
+"""What a run and a sweep show a person: the console, learning curves, the per-job status file and the sweep
+report. Only `console` loads TensorFlow (to quiet it); matplotlib is drawn with only by `plots`.
 """

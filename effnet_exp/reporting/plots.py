@@ -1,4 +1,5 @@
-"""The only module that draws with matplotlib (through effnet_exp.optional): figures drawn with the Agg canvas (no display, no pyplot state)."""
+"""The only module that draws with matplotlib (imported by effnet_exp.optional): figures on the Agg canvas, with no
+display and no pyplot state."""
 import io
 
 from effnet_exp.optional import matplotlib

@@ -34,12 +34,11 @@ import time
 
 import numpy as np
 
+from effnet_exp.data.config import LABELS_FILE, MANIFEST
 from effnet_exp.data.folder import scan_image_folder, sniff_image_format
 from effnet_exp.errors import UserError
 from effnet_exp.optional import pil_image
 
-MANIFEST = "manifest.json"
-LABELS_FILE = "labels.txt"
 SPLITS = (("train", "train"), ("validation", "val"))
 DEFAULT_QUALITY = 95
 _CHUNK = 16  # images per worker task

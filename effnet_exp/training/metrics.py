@@ -4,7 +4,8 @@ import tensorflow as tf
 
 def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, per_image=False):
     """Softmax cross-entropy against one-hot labels: the batch mean, or one value per image."""
-    reduction = tf.compat.v1.losses.Reduction.NONE if per_image else tf.compat.v1.losses.Reduction.SUM_BY_NONZERO_WEIGHTS
+    reductions = tf.compat.v1.losses.Reduction
+    reduction = reductions.NONE if per_image else reductions.SUM_BY_NONZERO_WEIGHTS
     return tf.compat.v1.losses.softmax_cross_entropy(tf.one_hot(labels, num_classes), logits,
                                                      label_smoothing=label_smoothing, reduction=reduction)
 
