@@ -196,7 +196,7 @@ def pipeline_rate(batch, image_size):
             return _median_rate(lambda: sess.run(batch_op), batch, 20, 5)
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet_b0")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -214,8 +214,11 @@ def main(argv=None):
     parser.add_argument("--scaling", action="store_true", help="also time B0-B3 against their FLOPs")
     parser.add_argument("--scaling-batch", type=int, default=4)
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def measure(args):
+    """Ours, Keras and the matmul in turns; the results dict (written by --json)."""
     threads = (args.intra_threads, args.inter_threads)
     xla_swish_grad = not args.no_xla_swish_grad
     sides = {"ours": (args.batch_size, ours(args.model, args.batch_size, args.image_size, threads, xla_swish_grad))}
@@ -229,7 +232,7 @@ def main(argv=None):
     keras_eval = rates["keras"]["eval"] if keras else None
     matmul = rates["matmul"]["flops"] / 1e9
     gflop = gflop_per_image(args.model, args.image_size) or {"train": None, "eval": None}
-    results = {
+    return {
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
         "steps": args.steps, "rounds": args.rounds, "tf_version": tf.__version__,
         "xla_swish_grad": xla_swish_grad,
@@ -245,52 +248,70 @@ def main(argv=None):
         "keras_train_fraction_of_matmul": fraction_of(keras_train, gflop["train"], matmul),
         "keras_eval_fraction_of_matmul": fraction_of(keras_eval, gflop["eval"], matmul),
         "pipeline_images_per_sec": pipeline_rate(args.batch_size, args.image_size),
+        "peak_rss_mb": peak_rss_mb(),
     }
-    results["peak_rss_mb"] = peak_rss_mb()
+
+
+def _fmt(v, spec="{:.1f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def print_table(results):
+    r = results
+    xla = ("on" if r["xla_swish_grad"] else "off") if not r["tf_version"].startswith("1.") else "n/a on TF 1.x"
     print("EfficientNet throughput: {} cores, TensorFlow {}, Python {}; {} at {}x{}, batch {}, median of {} "
-          "rounds of {} steps; xla_swish_grad {}".format(
-              results["cores"], results["tf_version"], results["python"], args.model, args.image_size,
-              args.image_size, args.batch_size, args.rounds, args.steps,
-              ("on" if xla_swish_grad else "off") if not tf.__version__.startswith("1.") else "n/a on TF 1.x"))
-
-    per_image = ("images/s x {:.2f} GFLOP per image (train) or {:.2f} (eval)".format(gflop["train"], gflop["eval"])
-                 if gflop["train"] else "given for efficientnet_b0 at 224x224 only")
+          "rounds of {} steps; xla_swish_grad {}".format(r["cores"], r["tf_version"], r["python"], r["model"],
+                                                         r["image_size"], r["image_size"], r["batch_size"],
+                                                         r["rounds"], r["steps"], xla))
+    per_image = ("images/s x {:.2f} GFLOP per image (train) or {:.2f} (eval)".format(
+        r["train_gflop_per_image"], r["eval_gflop_per_image"]) if r["train_gflop_per_image"]
+        else "given for efficientnet_b0 at 224x224 only")
     print("float32 matmul {0}x{0} in our session: {1:.1f} GFLOP/s, the median as above; % of matmul = {2}".format(
-        args.matmul_size, matmul, per_image))
-
-    def fmt(v, spec="{:.1f}"):
-        return "-" if v is None else spec.format(v)
-
+        r["matmul_size"], r["matmul_gflops_per_sec"], per_image))
     print("| | ours (img/s) | ours (% of matmul) | Keras 3 (img/s) | Keras 3 (% of matmul) | ours / Keras |")
     print("|---|---|---|---|---|---|")
-    for kind, ours_rate, keras_rate in (("train", train, keras_train), ("eval", evaluate, keras_eval)):
+    for kind, prefix in (("train", "train"), ("eval", "eval")):
         print("| {} | {} | {} | {} | {} | {} |".format(
-            kind, fmt(ours_rate), fmt(results[kind + "_fraction_of_matmul"], "{:.0%}"), fmt(keras_rate),
-            fmt(results["keras_{}_fraction_of_matmul".format(kind)], "{:.0%}"),
-            fmt(results[kind + "_ratio"], "{:.2f}x")))
-    print("| input pipeline (train preprocessing) | {} | | | | |".format(fmt(results["pipeline_images_per_sec"])))
-    print("peak RSS {:.0f} MB".format(results["peak_rss_mb"]))
+            kind, _fmt(r[prefix + "_images_per_sec"]), _fmt(r[kind + "_fraction_of_matmul"], "{:.0%}"),
+            _fmt(r["keras_{}_images_per_sec".format(prefix)]),
+            _fmt(r["keras_{}_fraction_of_matmul".format(kind)], "{:.0%}"), _fmt(r[kind + "_ratio"], "{:.2f}x")))
+    print("| input pipeline (train preprocessing) | {} | | | | |".format(_fmt(r["pipeline_images_per_sec"])))
+    print("peak RSS {:.0f} MB".format(r["peak_rss_mb"]))
 
+
+def scaling_rows(args):
+    """B0-B3 at their resolutions: time per image against forward FLOPs."""
+    threads = (args.intra_threads, args.inter_threads)
+    rows = []
+    for variant in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
+        size = model_config(variant, None).resolution
+        flops = model_flops(variant, size)
+        steps = ours(variant, args.scaling_batch, size, threads, not args.no_xla_swish_grad)
+        scaled = rates_in_rounds({"ours": (args.scaling_batch, steps)}, max(3, args.steps // 2), 1, 1)["ours"]
+        rows.append({"model": variant, "image_size": size, "gflops": flops / 1e9,
+                     "train_ms_per_image": 1000.0 / scaled["train"], "eval_ms_per_image": 1000.0 / scaled["eval"]})
+    return rows
+
+
+def print_scaling(rows, batch):
+    base = rows[0]
+    print("\nCompound scaling (batch {}): time per image against forward FLOPs".format(batch))
+    print("| model | size | GFLOPs | x B0 | train ms/img | x B0 | eval ms/img | x B0 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| {} | {} | {:.2f} | {:.2f} | {:.0f} | {:.2f} | {:.0f} | {:.2f} |".format(
+            r["model"], r["image_size"], r["gflops"], r["gflops"] / base["gflops"],
+            r["train_ms_per_image"], r["train_ms_per_image"] / base["train_ms_per_image"],
+            r["eval_ms_per_image"], r["eval_ms_per_image"] / base["eval_ms_per_image"]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = measure(args)
+    print_table(results)
     if args.scaling:
-        rows = []
-        for variant in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
-            size = model_config(variant, None).resolution
-            flops = model_flops(variant, size)
-            steps = ours(variant, args.scaling_batch, size, threads, xla_swish_grad)
-            scaled = rates_in_rounds({"ours": (args.scaling_batch, steps)}, max(3, args.steps // 2), 1, 1)["ours"]
-            tr, ev = scaled["train"], scaled["eval"]
-            rows.append({"model": variant, "image_size": size, "gflops": flops / 1e9,
-                         "train_ms_per_image": 1000.0 / tr, "eval_ms_per_image": 1000.0 / ev})
-        base = rows[0]
-        print("\nCompound scaling (batch {}): time per image against forward FLOPs".format(args.scaling_batch))
-        print("| model | size | GFLOPs | x B0 | train ms/img | x B0 | eval ms/img | x B0 |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print("| {} | {} | {:.2f} | {:.2f} | {:.0f} | {:.2f} | {:.0f} | {:.2f} |".format(
-                r["model"], r["image_size"], r["gflops"], r["gflops"] / base["gflops"],
-                r["train_ms_per_image"], r["train_ms_per_image"] / base["train_ms_per_image"],
-                r["eval_ms_per_image"], r["eval_ms_per_image"] / base["eval_ms_per_image"]))
-        results["scaling"] = rows
+        results["scaling"] = scaling_rows(args)
+        print_scaling(results["scaling"], args.scaling_batch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
