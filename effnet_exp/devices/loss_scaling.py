@@ -1,4 +1,4 @@
-"""Loss scaling for float16 training, and the data-parallel optimizer wrappers of each device.
+"""Loss scaling for float16 training: the overflow counter and the step of any loss-scale optimizer, and the GPU one.
 
 - device=gpu device.mixed_precision=true: tf.compat.v1.train.experimental.MixedPrecisionLossScaleOptimizer with a
   DynamicLossScale (or a FixedLossScale) around the optimizer; the session config turns on Grappler's
