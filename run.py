@@ -5,8 +5,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from effnet_exp import interrupts
 from effnet_exp.config import register_configs
 from effnet_exp.reporting.console import quiet_console
+from effnet_exp.reporting.hydra_callback import sweep_exit_status, sweep_interrupted
 from effnet_exp.resume import pick_run_dir
 
 register_configs()
@@ -26,8 +28,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    interrupts.install()
+    try:
+        main()
+    except interrupts.Interrupted as stop:  # a signal outside a job: before it, after it, between sweep jobs
+        sys.exit(sweep_interrupted(stop))
     # A sweep whose jobs all ran but some failed (see its summary.md) ends with a non-zero status.
-    from effnet_exp.reporting.hydra_callback import sweep_exit_status
-
     sys.exit(sweep_exit_status())

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from effnet_exp import run_folder
+from effnet_exp import interrupts, run_folder
 from effnet_exp.config import Mode
 from effnet_exp.devices.base import Purpose
 from effnet_exp.devices.factory import make_device
@@ -19,7 +19,6 @@ from effnet_exp.export.exporter import export_model, summary_text
 from effnet_exp.inference.evaluator import Evaluator
 from effnet_exp.inference.predictor import Predictor, report
 from effnet_exp.reporting.curves import update_curves
-from effnet_exp.reporting.hydra_callback import report_sweep
 from effnet_exp.reporting.jobs import JobStatus, share_cores
 from effnet_exp.resume import resumed_config, save_config
 from effnet_exp.spec import resolve_spec
@@ -44,6 +43,7 @@ def prepare(cfg, run_dir, environ=None):
 
 def run(spec):
     """Runs spec's mode; returns the number a sweeper optimises (the final eval top-1, or a count)."""
+    log.info("%s", spec.device.describe())
     random.seed(spec.cfg.seed)
     np.random.seed(spec.cfg.seed)
     if spec.class_names and spec.placement.chief:
@@ -52,18 +52,22 @@ def run(spec):
 
 
 def _train(spec):
+    """The final eval top-1; mode=train gives the last train.eval_every evaluation's, or NaN without one."""
     evaluator = Evaluator(spec) if spec.evaluates else None
-    trained = Trainer(spec, evaluate=evaluator.evaluate if evaluator else None).train()
-    result = trained.get("top1")
+    with interrupts.phase("training"):
+        trained = Trainer(spec, evaluate=evaluator.evaluate if evaluator else None).train()
+    result = (trained.get("last_eval") or {}).get("top1")
     if spec.cfg.mode == Mode.train_eval and evaluator:
-        result = (trained.get("eval") or evaluator.evaluate(trained["checkpoint"]))["top1"]
+        with interrupts.phase("evaluating"):
+            result = (trained.get("eval") or evaluator.evaluate(trained["checkpoint"]))["top1"]
         print("eval top1 {:.4f}".format(result))
     update_curves(spec.own_dir)  # the final curves.png, with the final evaluation
     return float(result) if result is not None else float("nan")
 
 
 def _evaluate(spec):
-    result = Evaluator(spec).evaluate(spec.checkpoint)["top1"]
+    with interrupts.phase("evaluating"):
+        result = Evaluator(spec).evaluate(spec.checkpoint)["top1"]
     print("eval top1 {:.4f}".format(result))
     return float(result)
 
@@ -72,7 +76,8 @@ def _predict(spec):
     cfg = spec.cfg
     predictor = Predictor(spec.model, spec.image_size, spec.normalization, cfg.dataset.crop_padding,
                           spec.class_names, spec.device.session_config(Purpose.INFERENCE))
-    results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k, use_ema=spec.use_ema)
+    with interrupts.phase("predicting"):
+        results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k, use_ema=spec.use_ema)
     failed = report(results, spec.run_dir)
     if failed:
         raise UserError("{} of {} images could not be predicted (see predictions.json)".format(failed, len(results)))
@@ -81,9 +86,10 @@ def _predict(spec):
 
 def _export(spec):
     cfg = spec.cfg
-    manifest = export_model(spec.checkpoint, spec.model, spec.image_size, spec.normalization, spec.run_dir,
-                            cfg.export, class_names=spec.class_names, crop_padding=cfg.dataset.crop_padding,
-                            session_config=spec.device.session_config(Purpose.INFERENCE))
+    with interrupts.phase("exporting"):
+        manifest = export_model(spec.checkpoint, spec.model, spec.image_size, spec.normalization, spec.run_dir,
+                                cfg.export, class_names=spec.class_names, crop_padding=cfg.dataset.crop_padding,
+                                session_config=spec.device.session_config(Purpose.INFERENCE))
     print(summary_text(manifest))
     return float(len(manifest["files"]))
 
@@ -104,20 +110,37 @@ def _move_log_file(run_dir, own_dir):
 
 def run_from_hydra(cfg):
     """The body of run.py's @hydra.main: returns the final eval top-1 for sweepers."""
+    interrupts.install()  # done by run.py already, except in the worker processes of some launchers
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     # Sweep jobs (and a resumed sweep job) record running / completed / failed for the sweep report.
     status = JobStatus.open(run_dir, hydra_cfg, multirun)
+    with interrupts.last_word(lambda: status and status.interrupted("stopped at once by a second signal")):
+        result = _run_job(cfg, hydra_cfg, run_dir, status, multirun)
+    interrupts.fault_point("job_end")
+    return result
+
+
+def _run_job(cfg, hydra_cfg, run_dir, status, multirun):
+    """run_from_hydra's job: its result and status, or a failure recorded in status and reported as one
+    error line (a sweep job's: NaN to the sweeper)."""
     try:
         if cfg.resume:
             cfg = resumed_config(os.path.abspath(cfg.resume), hydra_cfg.overrides.task)
         else:
             share_cores(cfg, hydra_cfg)
+        interrupts.fault_point("starting")
         spec = prepare(cfg, run_dir)
         if not cfg.resume and spec.placement.chief:
             save_config(cfg, run_dir)  # the config resume= continues
         result = run(spec)
+    except interrupts.Interrupted as stop:
+        stopped = _interrupted(stop, cfg, run_dir)
+        if status is not None:
+            status.interrupted(stopped)
+        _log_to_files_only("error: {}".format(stopped))
+        raise stopped  # run.py ends the process (and a sweep, with its report)
     except Exception as err:
         if status is not None:
             status.failed(err)
@@ -127,7 +150,7 @@ def run_from_hydra(cfg):
             raise
         _log_to_files_only("error: {}".format(err))
         sys.stderr.write("error: {}\n".format(err))
-        sys.exit(getattr(err, "exit_code", 2))
+        sys.exit(2)
     if status is not None:
         status.completed(result)
     return result
@@ -136,18 +159,25 @@ def run_from_hydra(cfg):
 def _failed_job(err, hydra_cfg):
     """A sweep job's failure: logged in its run.log, NaN to the sweeper, and the other jobs go on.
 
-    A job stopped by SIGTERM/SIGINT stops the whole sweep (exit 128 + signal) after writing its report.
+    A job stopped by SIGTERM/SIGINT is an Interrupted instead: it ends the whole sweep (see run.py).
     """
     if isinstance(err, UserError):
         log.error("error: %s", err)
     else:
         log.exception("job %s failed", hydra_cfg.job.get("num"))
-    code = getattr(err, "exit_code", 2)
-    if code > 128:
-        report_sweep(hydra_cfg.sweep.dir)
-        sys.stderr.write("error: {}\n".format(err))
-        sys.exit(code)
     return float("nan")
+
+
+def _interrupted(stop, cfg, run_dir):
+    """stop with what to do next: resume a training run that saved its config; run anything else again."""
+    resumable = os.path.isfile(os.path.join(run_dir, run_folder.SAVED_CONFIG))
+    if cfg.mode in (Mode.train, Mode.train_eval) and resumable:
+        hint = "`python run.py resume={}` continues".format(run_dir)
+    elif cfg.mode in (Mode.train, Mode.train_eval):
+        hint = "it had not started; run the same command again"
+    else:
+        hint = "nothing was written; run the same command again"
+    return interrupts.Interrupted(stop.signum, "{}; {}".format(stop, hint))
 
 
 def _log_to_files_only(message):

@@ -36,6 +36,7 @@ CURVES = "curves.png"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "model.ckpt"
 BEST_DIR = "best"
+BEST_RECORD = "best.json"
 TENSORBOARD = "tensorboard"
 EXPORT_DIR = "export"
 

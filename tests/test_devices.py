@@ -1,9 +1,11 @@
 """Session configs per device and the device checks. The Ascend tests FAKE the npu_bridge module (it cannot run
 off an Ascend image): they check only our wiring of the NpuOptimizer session config, not the adapter itself."""
+import os
 import sys
 import types
 
 import pytest
+import tensorflow as tf
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
@@ -13,6 +15,7 @@ from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDe
     check_device
 from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError
+from conftest import TINY, run_py
 from factory import run_config
 
 NO_RANKS = {}  # an environment without RANK_SIZE / RANK_ID / ...
@@ -135,3 +138,36 @@ def test_epoch_step_total_is_rounded_up_to_whole_loops():
     assert _step_total(train, 95, 1) == 10
     assert _step_total(train, 95, 4) == 12  # 10 steps -> 3 loops of 4
     assert _step_total(train, 80, 4) == 8
+
+
+# --------------------------------------------------------------------------- the device asked for is the device used
+needs_no_gpu = pytest.mark.skipif(bool(tf.config.experimental.list_physical_devices("GPU")),
+                                  reason="this machine has a GPU: device=gpu uses it")
+
+
+@needs_no_gpu
+def test_gpu_asked_without_a_gpu_is_one_error_before_any_work(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    proc = run_py(["device=gpu", "hydra.run.dir=" + str(run_dir)] + TINY, tmp_path, cache_dir)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: device=gpu, but TensorFlow {} ({}) sees no GPU; use device=cpu, or "
+                                        "device.allow_cpu_fallback=true to run on the CPU anyway".format(
+                                            tf.__version__, "a build with CUDA" if tf.test.is_built_with_cuda()
+                                            else "a CPU-only build")]
+    assert sorted(os.listdir(str(run_dir))) == [".hydra", "run.log"]
+
+
+@needs_no_gpu
+def test_gpu_with_cpu_fallback_warns_and_every_run_logs_its_device(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = TINY + ["train.steps=1", "train.log_every=1", "hydra.run.dir=" + str(run_dir)]
+    proc = run_py(args + ["device=gpu", "device.allow_cpu_fallback=true", "mode=train"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_text = open(str(run_dir / "run.log")).read()
+    assert "sees no GPU: running on the CPU (device.allow_cpu_fallback=true)" in log_text
+    assert log_text.count("device=gpu: no GPU, the CPU") == 1
+    proc = run_py(["mode=eval", "eval.checkpoint=" + str(run_dir), "hydra.run.dir=" + str(tmp_path / "eval")] + TINY,
+                  tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_text = open(str(tmp_path / "eval" / "run.log")).read()
+    assert log_text.count("device=cpu: the CPU (TensorFlow {})".format(tf.__version__)) == 1

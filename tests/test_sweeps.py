@@ -264,3 +264,16 @@ def test_composed_sweep_presets():
     cfg = _compose(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=ascend",
                     "hydra.launcher.gres=npu:8"])
     assert cfg.hydra.launcher.gres == "npu:8"
+
+
+def test_a_train_job_returns_its_last_evaluation_or_nan(tmp_path, cache_dir):
+    """mode=train gives the sweeper the top-1 of its last train.eval_every evaluation, NaN without one (status.json
+    records it; a NaN as null), never the training top-1."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_py(["-m", "mode=train", "train.eval_every=0,2", "hydra.sweep.dir=" + str(sweep_dir)] +
+                  overrides(TINY, {"train.steps": "2"}), tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_json(str(sweep_dir / "0" / "status.json"))["result"] is None
+    evals = [json.loads(l) for l in open(str(sweep_dir / "1" / "metrics.jsonl")) if "eval_top1" in l]
+    assert [e["step"] for e in evals] == [2]
+    assert read_json(str(sweep_dir / "1" / "status.json"))["result"] == evals[0]["eval_top1"]

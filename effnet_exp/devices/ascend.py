@@ -38,6 +38,11 @@ class AscendDevice(Device):
     def replica_source(self):
         return "RANK_SIZE={}".format(self.placement.processes)
 
+    def describe(self):
+        env = read_ascend_env(self.environ)
+        return "device=ascend: NPU {} through npu_bridge (TensorFlow {}), rank {} of {}".format(
+            env.device_id, tf.__version__, env.rank_id, env.rank_size)
+
     def check(self, run_cfg):
         super(AscendDevice, self).check(run_cfg)
         loop = self.cfg.iterations_per_loop

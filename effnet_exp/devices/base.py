@@ -71,6 +71,14 @@ class Device(object):
                             "global batch, split evenly over the replicas".format(batch, replicas,
                                                                                   self.replica_source()))
 
+    def describe(self):
+        """Which physical devices this run uses, as the run log says once."""
+        return "device={}: the CPU ({}){}".format(self.name, _tf_version(), self._replicas_text())
+
+    def _replicas_text(self):
+        replicas = self.placement.replicas
+        return "; {} replicas ({})".format(replicas, self.replica_source()) if replicas > 1 else ""
+
     def replica_source(self):
         """Where the replica count comes from, for error messages."""
         if self.cfg.strategy == Strategy.mirrored:
@@ -103,3 +111,7 @@ class Device(object):
     def broadcast_op(self):
         """An op giving every process the chief's variables after init or restore, or None."""
         return None
+
+
+def _tf_version():
+    return "TensorFlow {}".format(tf.__version__)

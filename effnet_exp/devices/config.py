@@ -73,6 +73,8 @@ class LossScaleConfig:
 class GpuDeviceConfig(CpuDeviceConfig):
     name: str = "gpu"
     allow_growth: bool = True
+    # Without a GPU, device=gpu is an error; true runs on the CPU with a warning instead.
+    allow_cpu_fallback: bool = False
     # Not measured on a GPU: off until it is.
     xla_swish_grad: bool = False
     visible_devices: Optional[str] = None

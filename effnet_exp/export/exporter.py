@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from effnet_exp import interrupts
 from effnet_exp.data.config import Normalization
 from effnet_exp.data.preprocessing import CROP_PADDING, normalization_constants, normalize, preprocess_for_eval
 from effnet_exp.errors import UserError
@@ -336,7 +337,8 @@ def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, expo
         with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")
-        _move_into_place(tmp_dir, out_dir)
+        with interrupts.deferred():  # the swap with an older export: two renames
+            _move_into_place(tmp_dir, out_dir)
     except (IOError, OSError) as err:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise UserError("cannot write the export to {}: {}".format(out_dir, err.strerror or err))
@@ -379,6 +381,7 @@ def _export_into(folder, checkpoint, spec, num_classes, norm, export_cfg, frozen
             frozen = restored.freeze()
             manifest["self_check_max_abs_diff"] = _self_check(restored, frozen, batch, size)
             _write_graph(frozen, os.path.join(folder, FROZEN_PB))
+            interrupts.fault_point("exporting")
             op_types = graph_op_types(frozen)
             files["frozen_pb"] = {"path": FROZEN_PB, "inputs": float_inputs, "outputs": outputs,
                                   "op_types": op_types}

@@ -5,7 +5,7 @@ import time
 
 import tensorflow as tf
 
-from effnet_exp import run_folder
+from effnet_exp import interrupts, run_folder
 from effnet_exp.data.diagnostics import data_errors, skipped_records
 from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.devices.base import Purpose
@@ -40,22 +40,26 @@ class Evaluator(object):
 
     def evaluate(self, checkpoint):
         graph = tf.Graph()
+        interrupts.fault_point("building")
         with graph.as_default():
             iterator, count_ops, model = self._build(checkpoint)
         graph.finalize()
         totals = {k: 0 for k in count_ops}
         started = time.time()
         with tf.compat.v1.Session(graph=graph, config=self.spec.device.session_config(Purpose.INFERENCE)) as sess:
+            interrupts.fault_point("restoring")
             model.restore(sess)
             sess.run(iterator.initializer)
             with data_errors(self.spec.cfg.dataset):
                 while True:
+                    interrupts.check()  # an evaluation during training runs where signals are deferred
                     try:
                         values = sess.run(count_ops)
                     except tf.errors.OutOfRangeError:
                         break
                     for k, v in values.items():
                         totals[k] += v
+                    interrupts.fault_point("evaluating")
         result = self._result(checkpoint, totals, skipped_records(graph), model.plan, time.time() - started)
         self._write(result)
         log.info("eval of %s (%s weights): top1 %.4f top5 %.4f over %d images", checkpoint, result["weights"],

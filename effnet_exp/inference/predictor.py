@@ -5,6 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from effnet_exp import interrupts
 from effnet_exp.data.diagnostics import bad_data_message
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.model.restore import InferenceModel
@@ -39,6 +40,7 @@ class Predictor(object):
             log.info("predicting with %s", model.describe())
             for path in paths:
                 results.append(self._one(sess, image_bytes, probs, indices, path))
+                interrupts.fault_point("predicting")
         return results
 
     def _one(self, sess, image_bytes, probs, indices, path):

@@ -16,6 +16,7 @@ from effnet_exp.reporting.sweep_summary import collect, write_report
 log = logging.getLogger(__name__)
 
 _LAST = {}  # the last report of this process: {"sweep_dir", "failed", "jobs"}
+_RUNNING = {}  # the sweep this process is running: {"sweep_dir"}
 
 
 def report_sweep(sweep_dir):
@@ -33,8 +34,21 @@ def report_sweep(sweep_dir):
 
 
 class SweepReportCallback(Callback):
+    def on_multirun_start(self, config, **kwargs):
+        _RUNNING["sweep_dir"] = os.path.abspath(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config, **kwargs):
+        _RUNNING.clear()
         report_sweep(config.hydra.sweep.dir)
+
+
+def sweep_interrupted(stop):
+    """run.py's end after a signal (an Interrupted): the report of the sweep it cut short, if any, and one
+    `error:` line; returns the exit status, 128 + the signal."""
+    if _RUNNING.get("sweep_dir"):
+        report_sweep(_RUNNING.pop("sweep_dir"))
+    sys.stderr.write("error: {}\n".format(stop))
+    return stop.exit_code
 
 
 def sweep_exit_status():

@@ -12,7 +12,7 @@ from effnet_exp.run_folder import atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
-RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 
 
 def first_line(err):
@@ -26,7 +26,8 @@ def _now():
 
 
 class JobStatus(object):
-    """<run folder>/status.json: running → completed (with the returned top-1) or failed (with the error).
+    """<run folder>/status.json: running → completed (with the returned top-1), failed (with the error) or
+    interrupted (by a signal).
 
     Written for every multirun job, and for a single run that continues a folder which already has one
     (`python run.py resume=<job folder>`), so a resumed job's row in the sweep report follows it.
@@ -68,6 +69,11 @@ class JobStatus(object):
     def failed(self, err):
         self.record.update(error=first_line(err), error_type=type(err).__name__)
         self._end(FAILED)
+
+    def interrupted(self, stop):
+        """stop: the Interrupted, or a message."""
+        self.record.update(error=first_line(stop), error_type="Interrupted")
+        self._end(INTERRUPTED)
 
 
 def share_cores(cfg, hydra_cfg):

@@ -1,12 +1,12 @@
 """Saving and keeping checkpoints, and reading their step (finding them: effnet_exp/run_folder.py)."""
-import json
 import os
 import shutil
 
 import tensorflow as tf
 
 from effnet_exp.errors import UserError
-from effnet_exp.run_folder import BEST_DIR, latest_checkpoint
+from effnet_exp.run_folder import (BEST_DIR, BEST_RECORD, atomic_write_json, atomic_write_text, checkpoint_exists,
+                                   latest_checkpoint, read_json)
 
 
 def checkpoint_step(prefix):
@@ -33,37 +33,79 @@ def save_checkpoint(saver, sess, prefix, step, previous):
 
 
 class BestCheckpoint(object):
-    """checkpoints/best/: a copy of the checkpoint with the best eval top-1, outside the rotation."""
+    """checkpoints/best/: a copy of the checkpoint with the best eval top-1, outside the rotation.
+
+    Crash-safe: the new copy is written beside the old one, best.json (the record) and the `checkpoint` state
+    file then name it, and only then are the old files removed; so at every instant the state file names a
+    complete checkpoint. A crash in between is tidied up by the next start (recover).
+    """
 
     def __init__(self, checkpoint_dir):
         self.folder = os.path.join(checkpoint_dir, BEST_DIR)
-        self.record_path = os.path.join(self.folder, "best.json")
+        self.record_path = os.path.join(self.folder, BEST_RECORD)
         self.top1 = None
-        if os.path.isfile(self.record_path):
-            with open(self.record_path) as f:
-                self.top1 = json.load(f)["top1"]
+        record = recover_best(self.folder)
+        if record:
+            self.top1 = record["top1"]
 
     def offer(self, prefix, step, top1):
         """Keeps prefix if its top-1 beats the best so far; returns whether it did."""
         if self.top1 is not None and top1 <= self.top1:
             return False
-        staging = self.folder + ".tmp"
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-        os.makedirs(staging)
-        name = os.path.basename(prefix)
+        if not os.path.isdir(self.folder):
+            os.makedirs(self.folder)
+        name = _free_name(self.folder, os.path.basename(prefix))
         for path in tf.io.gfile.glob(prefix + ".*"):
-            shutil.copy2(path, os.path.join(staging, os.path.basename(path)))
-        with open(os.path.join(staging, "checkpoint"), "w") as f:
-            f.write('model_checkpoint_path: "{0}"\nall_model_checkpoint_paths: "{0}"\n'.format(name))
-        with open(os.path.join(staging, "best.json"), "w") as f:
-            json.dump({"step": step, "top1": top1, "checkpoint": name}, f)
-        # Swap the folders: at every moment one complete best checkpoint exists on disk.
-        old = self.folder + ".old"
-        if os.path.isdir(self.folder):
-            os.rename(self.folder, old)
-        os.rename(staging, self.folder)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
+            target = os.path.join(self.folder, name + os.path.basename(path)[len(os.path.basename(prefix)):])
+            shutil.copy2(path, target + ".tmp")
+            os.replace(target + ".tmp", target)
+        atomic_write_json(self.record_path, {"step": step, "top1": top1, "checkpoint": name})
+        _write_state(self.folder, name)
+        _remove_all_but(self.folder, name)
         self.top1 = top1
         return True
+
+
+def recover_best(folder):
+    """Tidies checkpoints/best/ after a crash; returns its best.json record, or None."""
+    staging, old = folder + ".tmp", folder + ".old"  # the folders an earlier version swapped
+    if not os.path.isdir(folder) and os.path.isdir(old):
+        os.rename(old, folder)
+    for leftover in (staging, old):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+    record = read_json(os.path.join(folder, BEST_RECORD))
+    if not record or not checkpoint_exists(os.path.join(folder, record["checkpoint"])):
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)  # never named a complete copy
+        return None
+    if latest_checkpoint(folder) != os.path.join(folder, record["checkpoint"]):
+        _write_state(folder, record["checkpoint"])
+    _remove_all_but(folder, record["checkpoint"])
+    return record
+
+
+def _belongs(entry, name):
+    """Whether file entry is part of checkpoint name (its index, data shards or graph)."""
+    rest = entry[len(name):] if entry.startswith(name) else None
+    return rest in (".index", ".meta") or bool(rest and rest.startswith(".data-") and not rest.endswith(".tmp"))
+
+
+def _free_name(folder, name):
+    """name, or name.1, name.2, ... if a checkpoint of that name is already in folder."""
+    candidate, n = name, 0
+    while any(_belongs(entry, candidate) for entry in os.listdir(folder)):
+        n += 1
+        candidate = "{}.{}".format(name, n)
+    return candidate
+
+
+def _write_state(folder, name):
+    atomic_write_text(os.path.join(folder, "checkpoint"),
+                      'model_checkpoint_path: "{0}"\nall_model_checkpoint_paths: "{0}"\n'.format(name))
+
+
+def _remove_all_but(folder, name):
+    for entry in os.listdir(folder):
+        if entry not in (BEST_RECORD, "checkpoint") and not _belongs(entry, name):
+            os.remove(os.path.join(folder, entry))

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp import run_folder
+from effnet_exp import interrupts, run_folder
 from effnet_exp.data.diagnostics import data_errors, skipped_records
 from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.devices.base import Purpose
@@ -15,7 +15,6 @@ from effnet_exp.model.restore import WeightsPlan, model_variables
 from effnet_exp.reporting.curves import update_curves
 from effnet_exp.training.checkpoints import BestCheckpoint, save_checkpoint
 from effnet_exp.training.config import NonFinitePolicy
-from effnet_exp.training.signals import StopRequests
 from effnet_exp.training.step import build_train_step
 from effnet_exp.training.summaries import NoSummaries, write_scalars
 
@@ -38,6 +37,7 @@ class Trainer(object):
         """Runs to the step total; returns the last metrics with the final checkpoint prefix."""
         spec, cfg = self.spec, self.spec.cfg
         graph = tf.Graph()
+        interrupts.fault_point("building")
         with graph.as_default():
             replicas = spec.device.replicas()
         with graph.as_default(), replicas.scope():
@@ -59,8 +59,9 @@ class Trainer(object):
                 self._restore(sess, saver, initial)
                 overflow_steps = step.initialize(sess, resumed=bool(spec.resume_checkpoint))
                 sess.run(iterator_init)
-                with StopRequests() as stop, data_errors(cfg.dataset):
-                    loop = _Loop(self, sess, saver, writer, step, stop, overflow_steps)
+                # A signal is taken between steps, so that the checkpoint it leaves is of a whole step.
+                with interrupts.deferred(), data_errors(cfg.dataset):
+                    loop = _Loop(self, sess, saver, writer, step, overflow_steps)
                     result = loop.run(int(sess.run(global_step)))
                 replicas.report_copies(sess, result["step"])  # under a strategy: do the replicas agree?
                 if skipped_records(graph):
@@ -90,6 +91,7 @@ class Trainer(object):
         return plan, plan.saver()
 
     def _restore(self, sess, saver, initial):
+        interrupts.fault_point("restoring")
         if self.spec.resume_checkpoint:
             saver.restore(sess, self.spec.resume_checkpoint)
             log.info("resumed from %s", self.spec.resume_checkpoint)
@@ -148,7 +150,7 @@ class NonFiniteWatch(object):
 class _Loop(object):
     """The step loop's state: metrics since the last log line, checkpoint times, the non-finite watch."""
 
-    def __init__(self, trainer, sess, saver, writer, step, stop, overflow_steps):
+    def __init__(self, trainer, sess, saver, writer, step, overflow_steps):
         spec = trainer.spec
         self.spec = spec
         self.cfg = spec.cfg.train
@@ -157,7 +159,6 @@ class _Loop(object):
         self.saver = saver
         self.writer = writer
         self.step = step
-        self.stop = stop
         self.watch = NonFiniteWatch(self.cfg, overflow_steps)
         self.prefix = run_folder.checkpoint_prefix(spec.run_dir)
         self.checkpoint = spec.resume_checkpoint
@@ -181,6 +182,7 @@ class _Loop(object):
         while step < total:
             _, loss, top1, monitors = self.sess.run(self.step.fetches())
             step += self.step.steps_per_run
+            interrupts.fault_point("training")
             self.watch.note(step, loss, monitors, self.checkpoint)
             self.lr = monitors["lr"]
             self.losses.append(loss)
@@ -191,10 +193,13 @@ class _Loop(object):
                 self._save(step)
             if cfg.eval_every and self.evaluate and step % cfg.eval_every == 0:
                 self._evaluate(step)
-            if self.stop.requested:
+            if interrupts.requested():
                 self._stop(step)
         self._save(step)
+        if interrupts.requested():
+            self._stop(step)
         self.last["checkpoint"] = self.checkpoint
+        self.last["last_eval"] = self.last_eval
         if self.last_eval and self.last_eval["checkpoint"] == os.path.abspath(self.checkpoint):
             self.last["eval"] = self.last_eval  # the final checkpoint is already evaluated
         return self.last
@@ -235,12 +240,16 @@ class _Loop(object):
         """A checkpoint of this step, unless there is one already; only the chief writes them."""
         if not self.spec.placement.chief or (self.checkpoint and self.checkpoint.endswith("-%d" % step)):
             return
+        interrupts.fault_point("saving")
         self.checkpoint = save_checkpoint(self.saver, self.sess, self.prefix, step, self.checkpoint)
         self.saved_time = time.time()
 
     def _evaluate(self, step):
         self._save(step)
-        result = self.evaluate(self.checkpoint)
+        try:
+            result = self.evaluate(self.checkpoint)
+        except interrupts.Interrupted:
+            self._stop(step)
         self.last_eval = result
         record = {"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"]}
         is_best = self.best.offer(self.checkpoint, step, result["top1"])
@@ -255,4 +264,6 @@ class _Loop(object):
         if self.losses:
             self._log(step)
         self._save(step)
-        raise self.stop.error(step, self.checkpoint)
+        signum = interrupts.requested()
+        raise interrupts.Interrupted(signum, "stopped by {} at step {}; checkpoint {} saved".format(
+            interrupts.signal_name(signum), step, self.checkpoint))
