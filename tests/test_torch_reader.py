@@ -17,7 +17,7 @@ from torch_files import OD, G, P, R, Build, FakeStateDict, Raw, assert_same, dum
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LEGACY_HEADER = dumps(0x1950A86A20F9469CFC6C) + dumps(1001) + dumps({"little_endian": True})
 # Mutated copies of the Lite0 file per format (each case copies and parses a 18 MB file: 30-80 ms).
-FUZZ_CASES = {"legacy": 300, "zip": 100}
+FUZZ_CASES = {"legacy": 200, "zip": 100}
 
 
 def tensor(key="0", numel=4, offset=0, size=(4,), stride=(1,), view=None):
