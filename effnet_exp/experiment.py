@@ -80,7 +80,9 @@ def _predict(spec):
         results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k, use_ema=spec.use_ema)
     failed = report(results, spec.run_dir)
     if failed:
-        raise UserError("{} of {} images could not be predicted (see predictions.json)".format(failed, len(results)))
+        first = next(r["error"] for r in results if "error" in r)
+        raise UserError("{} of {} images could not be predicted, the first: {} (all in {})".format(
+            failed, len(results), first, run_folder.predictions_path(spec.run_dir)))
     return float(len(results))
 
 

@@ -49,6 +49,10 @@ def eval_path(folder):
     return os.path.join(folder, EVAL)
 
 
+def predictions_path(folder):
+    return os.path.join(folder, PREDICTIONS)
+
+
 def labels_path(folder):
     return os.path.join(folder, LABELS)
 
@@ -221,9 +225,21 @@ def saved_sections(run_dir):
     return (OmegaConf.to_container(saved.model, resolve=True), OmegaConf.to_container(saved.dataset, resolve=True))
 
 
-def saved_class_names(run_dir):
+def read_class_names(path, num_classes, expected):
+    """The names in a labels.txt (one a line, blank lines ignored); UserError naming the file when their count
+    is not num_classes (0 or None: not checked). expected says where num_classes comes from, for the message."""
+    with open(path) as f:
+        names = [line.rstrip("\n") for line in f if line.strip()]
+    if num_classes and len(names) != num_classes:
+        raise UserError("{} has {} lines (class names) but {}: it needs one name a line, in class-index "
+                        "order".format(path, len(names), expected))
+    return names
+
+
+def saved_class_names(run_dir, num_classes):
+    """The run folder's class names, checked against the class count of its model; None without labels.txt."""
     path = labels_path(run_dir)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    expected = "the model trained in {} has {} classes".format(run_dir, num_classes)
+    return read_class_names(path, num_classes, expected)

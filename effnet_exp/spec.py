@@ -88,7 +88,8 @@ def _checkpoint_spec(cfg, device, run_dir, own_dir):
         model, image_size, normalization = _saved_model(trained_in)
         log.info("model %s at %d px and %s normalisation, as trained in %s", model.name, image_size,
                  normalization.value, trained_in)
-        class_names = run_folder.saved_class_names(trained_in)
+        class_names = run_folder.saved_class_names(
+            trained_in, model.num_classes or checkpoint_num_classes(checkpoint, model.name))
     elif cfg.mode == Mode.eval:
         model, image_size, class_names = cfg.model, requested_image_size(cfg), None
         normalization = _normalization(cfg.model, cfg.dataset)

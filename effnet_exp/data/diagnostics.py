@@ -11,7 +11,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.folder import sniff_image_format
+from effnet_exp.data.folder import image_problem, sniff_image_format
 from effnet_exp.data.preprocessing import UNSUPPORTED_FORMAT_MESSAGE
 from effnet_exp.data.records import image_data, inspect_payload, read_record
 from effnet_exp.errors import UserError
@@ -37,6 +37,9 @@ def _describe_file(path):
             data = handle.read()
     except (IOError, OSError) as err:
         return "cannot be read ({})".format(err.strerror or err)
+    problem = image_problem(data)
+    if problem:
+        return problem
     fmt = sniff_image_format(data)
     if fmt not in ("jpeg", "png"):
         return "is not a JPEG or PNG image ({})".format(
@@ -51,6 +54,9 @@ def describe_bad_record(kind, path, index, cfg):
     if kind == "file":
         return "bad image {}: {}".format(path, _describe_file(path))
     where = "record {} of {}".format(index, path)
+    if kind == "broken" and index == 0:
+        return "{} is not a TFRecord file, or is corrupt from its first record on (nothing in it can be " \
+               "read)".format(path)
     if kind == "broken":
         return "{}: the TFRecord data is truncated or corrupt from this record on (it and the rest of " \
                "the file cannot be read)".format(where)

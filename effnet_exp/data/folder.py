@@ -17,6 +17,7 @@ round(fraction * n) files (at least 1 and at most n - 1 for a class of two or mo
 split a folder identically.
 """
 import os
+import struct
 from collections import namedtuple
 
 import numpy as np
@@ -61,6 +62,57 @@ def sniff_image_format(data):
     for magic, name in _MAGIC:
         if head.startswith(magic):
             return name
+    return None
+
+
+# The most pixels an image may have, checked from its header before it is decoded: Pillow's default
+# Image.MAX_IMAGE_PIXELS (a 24-bit image of 256 MiB), so that a tiny file declaring a huge image (a
+# decompression bomb) is refused instead of filling the memory.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# JPEG start-of-frame markers (they hold the size): C0-CF except C4 (DHT), C8 (JPG) and CC (DAC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data):
+    """(width, height) from the first start-of-frame segment of JPEG data, or None."""
+    pos = 2
+    while pos + 9 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS:
+            height, width = struct.unpack(">HH", bytes(data[pos + 5:pos + 9]))
+            return width, height
+        pos += 2 + struct.unpack(">H", bytes(data[pos + 2:pos + 4]))[0]
+    return None
+
+
+def image_size_of(data):
+    """(width, height) of JPEG or PNG data read from its header (nothing decoded), or None when the header
+    does not say (another format, or too short)."""
+    fmt = sniff_image_format(data)
+    if fmt == "png" and len(data) >= 24 and bytes(data[12:16]) == b"IHDR":
+        return struct.unpack(">II", bytes(data[16:24]))
+    if fmt == "jpeg":
+        return _jpeg_size(bytearray(data[:1 << 20]))
+    return None
+
+
+def image_problem(data):
+    """Why image bytes must not be decoded, as a verb phrase ("is empty (0 bytes)", "declares ... pixels"): empty,
+    or more than MAX_IMAGE_PIXELS by their header. None when neither."""
+    if not data:
+        return "is empty (0 bytes)"
+    size = image_size_of(data)
+    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return "declares {}x{} pixels in its header, more than the limit of {} (a decompression bomb?); it is " \
+               "not decoded".format(size[0], size[1], MAX_IMAGE_PIXELS)
     return None
 
 

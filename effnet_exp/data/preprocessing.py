@@ -11,11 +11,13 @@ Input bytes may be JPEG or PNG; the format is detected in the graph from the lea
 the crop window is decoded, exactly as in the reference. PNG (any bit depth, palette, alpha
 dropped) is decoded once and the window sliced from it. Anything else stops with
 "image data is neither JPEG nor PNG ...". `image_format="jpeg"` or `"png"` skips the detection.
+An image whose header declares more than folder.MAX_IMAGE_PIXELS pixels stops before it is decoded.
 """
 import numpy as np
 import tensorflow as tf
 
 from effnet_exp.data.config import Normalization
+from effnet_exp.data.folder import MAX_IMAGE_PIXELS
 
 CROP_PADDING = 32
 
@@ -56,16 +58,28 @@ def is_png(image_bytes):
     return tf.equal(tf.strings.substr(image_bytes, 0, len(PNG_MAGIC)), PNG_MAGIC)
 
 
+TOO_MANY_PIXELS_MESSAGE = "image header declares more than {} pixels (height, width):".format(MAX_IMAGE_PIXELS)
+
+
+def _within_pixel_limit(image_bytes, height, width):
+    """image_bytes, to be decoded only after the header's height x width passed the pixel limit."""
+    pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
+    small = tf.debugging.Assert(tf.less_equal(pixels, MAX_IMAGE_PIXELS), [TOO_MANY_PIXELS_MESSAGE, height, width])
+    with tf.control_dependencies([small]):
+        return tf.identity(image_bytes)
+
+
 class _Jpeg(object):
     """Shape from the header; windows decoded directly (decode_and_crop_jpeg)."""
 
     def __init__(self, image_bytes):
-        self.image_bytes = image_bytes
-
-    def shape(self):
         # [height, width, components]: components is 1 for greyscale and 4 for CMYK JPEGs, as in
         # the reference (which only ever compares it against a decoded 3-channel window).
-        return tf.image.extract_jpeg_shape(self.image_bytes)
+        self._shape = tf.image.extract_jpeg_shape(image_bytes)
+        self.image_bytes = _within_pixel_limit(image_bytes, self._shape[0], self._shape[1])
+
+    def shape(self):
+        return self._shape
 
     def window(self, crop_window):
         return tf.image.decode_and_crop_jpeg(self.image_bytes, crop_window, channels=3)
@@ -86,6 +100,9 @@ class _Decoded(object):
 
 
 def _png(image_bytes):
+    # IHDR: width, then height, as big-endian 32-bit integers at bytes 16-23.
+    width_height = tf.io.decode_raw(tf.strings.substr(image_bytes, 16, 8), tf.int32, little_endian=False)
+    image_bytes = _within_pixel_limit(image_bytes, width_height[1], width_height[0])
     return _Decoded(tf.io.decode_png(image_bytes, channels=3, dtype=tf.uint8))
 
 

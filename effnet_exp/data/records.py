@@ -5,7 +5,7 @@ import struct
 
 import tensorflow as tf
 
-from effnet_exp.data.folder import sniff_image_format
+from effnet_exp.data.folder import image_problem, sniff_image_format
 
 # Framing around each TFRecord payload: length (8) + length CRC (4) + payload CRC (4).
 RECORD_OVERHEAD = 16
@@ -167,7 +167,9 @@ def inspect_payload(payload, cfg):
     if label_key not in feature or len(feature[label_key].int64_list.value) != 1:
         return None, "has no single int64 {!r} label".format(label_key)
     label = int(feature[label_key].int64_list.value[0]) - int(cfg.label_offset)
-    fmt = sniff_image_format(feature[image_key].bytes_list.value[0])
+    data = feature[image_key].bytes_list.value[0]
+    fmt = sniff_image_format(data)
     if fmt not in ("jpeg", "png"):
         return label, "holds {} image data, not JPEG or PNG".format(fmt.upper() if fmt else "unrecognised")
-    return label, None
+    problem = image_problem(data)
+    return label, "its image " + problem if problem else None

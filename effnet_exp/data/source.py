@@ -12,6 +12,7 @@ from effnet_exp.data.diagnostics import SKIP_HINT, describe_bad_record, label_me
 from effnet_exp.data.folder import scan_image_folder
 from effnet_exp.data.records import count_records, inspect_payload, list_files
 from effnet_exp.errors import UserError
+from effnet_exp.run_folder import read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,18 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
     except ValueError as err:  # a truncated file
         raise UserError("{} (set dataset.skip_bad_records=true and dataset.num_train_images / "
                         "num_eval_images to read what can be read)".format(err))
+    _check_not_empty("training", train_files, num_train)
+    _check_not_empty("validation", eval_files, num_eval)
     return DataSource(data_dir, train_files, eval_files, num_train, num_eval, class_names,
                       "tfrecord", None, None, num_classes)
+
+
+def _check_not_empty(split, files, count):
+    """A split's files that hold no record at all stop the run before any graph (and any checkpoint)."""
+    if files and count == 0:
+        shown = ", ".join(files[:3]) + (", ... ({} files)".format(len(files)) if len(files) > 3 else "")
+        raise UserError("the {} split has no records: {} {} empty".format(
+            split, shown, "is" if len(files) == 1 else "are all"))
 
 
 def _check_manifest(ds_cfg, data_dir):
@@ -107,13 +118,9 @@ def _check_manifest(ds_cfg, data_dir):
             names = None
         return (list(names) if names else None), num_classes
     labels_path = os.path.join(data_dir, LABELS_FILE)
-    if os.path.isfile(labels_path):
-        with open(labels_path) as handle:
-            names = [line.rstrip("\n") for line in handle if line.strip()]
-        if len(names) == ds_cfg.num_classes:
-            return names, None
-        log.warning("ignoring %s: %d names for dataset.num_classes=%d", labels_path, len(names),
-                    ds_cfg.num_classes)
+    if os.path.isfile(labels_path) and ds_cfg.num_classes:
+        return read_class_names(labels_path, ds_cfg.num_classes,
+                                "dataset.num_classes={}".format(ds_cfg.num_classes)), None
     return None, None
 
 

@@ -9,6 +9,7 @@ from effnet_exp import interrupts, run_folder
 from effnet_exp.data.diagnostics import data_errors, skipped_records
 from effnet_exp.data.pipeline import build_dataset
 from effnet_exp.devices.base import Purpose
+from effnet_exp.errors import UserError
 from effnet_exp.model.restore import InferenceModel
 from effnet_exp.training.checkpoints import checkpoint_step
 from effnet_exp.training.metrics import cross_entropy, top_k_hits
@@ -72,7 +73,12 @@ class Evaluator(object):
             log.warning("skipped %d bad record(s) of the validation set (dataset.skip_bad_records)", skipped)
         n = int(totals["num_images"])
         if n == 0:
-            raise RuntimeError("the validation set under {} is empty".format(spec.source.data_dir))
+            files = spec.source.eval_files
+            shown = ", ".join(files[:3]) + (", ... ({} files)".format(len(files)) if len(files) > 3 else "")
+            why = "all {} record(s) were bad and skipped (dataset.skip_bad_records)".format(skipped) if skipped \
+                else "they hold no records"
+            raise UserError("no validation images to evaluate in {} ({}): {}".format(
+                spec.source.data_dir, shown, why))
         if spec.source.num_eval and spec.source.num_eval != n + skipped:
             log.warning("evaluated %d images but the dataset is said to hold %d", n, spec.source.num_eval)
         return {"top1": totals["top1"] / float(n), "top5": totals["top5"] / float(n),

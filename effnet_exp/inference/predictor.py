@@ -7,9 +7,10 @@ import tensorflow as tf
 
 from effnet_exp import interrupts
 from effnet_exp.data.diagnostics import bad_data_message
+from effnet_exp.data.folder import image_problem
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
 from effnet_exp.model.restore import InferenceModel
-from effnet_exp.run_folder import PREDICTIONS, atomic_write_json
+from effnet_exp.run_folder import atomic_write_json, predictions_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class Predictor(object):
                 data = f.read()
         except (IOError, OSError) as err:
             return {"image": path, "error": "cannot read {}: {}".format(path, err.strerror or err)}
+        problem = image_problem(data)
+        if problem:
+            return {"image": path, "error": "{} {}".format(path, problem)}
         try:
             p, idx = sess.run([probs, indices], feed_dict={image_bytes: data})
         except tf.errors.OpError as err:
@@ -67,7 +71,7 @@ class Predictor(object):
 
 def report(results, run_dir):
     """Writes predictions.json and prints each file's classes; returns the number of files that failed."""
-    atomic_write_json(os.path.join(run_dir, PREDICTIONS), results)
+    atomic_write_json(predictions_path(run_dir), results)
     failed = 0
     for result in results:
         if "error" in result:

@@ -29,8 +29,20 @@ def model_variables(scope, graph=None):
             if v in wanted and v.op.name.startswith(scope + "/")]
 
 
+def checkpoint_reader(prefix):
+    """tf's CheckpointReader of prefix; UserError naming the prefix and its index file when it cannot be read
+    (a truncated or corrupt .index, a file that is no checkpoint)."""
+    try:
+        return tf.compat.v1.train.NewCheckpointReader(prefix)
+    except tf.errors.OpError as err:
+        index = prefix + ".index" if os.path.isfile(prefix + ".index") else prefix
+        detail = (err.message or str(err)).strip().splitlines()
+        raise UserError("checkpoint {} cannot be read: {} is truncated or corrupt ({})".format(
+            prefix, index, detail[0] if detail else type(err).__name__))
+
+
 def checkpoint_shapes(prefix):
-    return tf.compat.v1.train.NewCheckpointReader(prefix).get_variable_to_shape_map()
+    return checkpoint_reader(prefix).get_variable_to_shape_map()
 
 
 def checkpoint_num_classes(prefix, scope):
@@ -104,10 +116,14 @@ class WeightsPlan(object):
 
 
 def resolve_weights(spec, cache_dir):
-    """A checkpoint prefix for `model.pretrained` / `eval.checkpoint`: a path, or package:<variant>."""
+    """A checkpoint prefix for `model.pretrained` / `eval.checkpoint`: a path, or package:<variant>; checked
+    readable here, before any graph is built."""
     if spec.startswith("package:"):
-        return ensure_imported(spec[len("package:"):], os.path.expanduser(cache_dir))
-    return resolve_checkpoint(spec)
+        prefix = ensure_imported(spec[len("package:"):], os.path.expanduser(cache_dir))
+    else:
+        prefix = resolve_checkpoint(spec)
+    checkpoint_reader(prefix)
+    return prefix
 
 
 class InferenceModel(object):

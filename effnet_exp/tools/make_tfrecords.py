@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from effnet_exp.data.config import LABELS_FILE, MANIFEST
-from effnet_exp.data.folder import scan_image_folder, sniff_image_format
+from effnet_exp.data.folder import image_problem, scan_image_folder, sniff_image_format
 from effnet_exp.errors import UserError
 from effnet_exp.optional import pil_image
 
@@ -72,6 +72,9 @@ def load_image(path, quality=DEFAULT_QUALITY):
     Image = _pil_image()
     with open(path, "rb") as handle:
         data = handle.read()
+    problem = image_problem(data)  # before Pillow reads more than the header
+    if problem:
+        raise ValueError(problem)
     fmt = sniff_image_format(data)
     if fmt not in ("jpeg", "png"):
         raise ValueError("not a JPEG or PNG image ({})".format(
@@ -85,6 +88,8 @@ def load_image(path, quality=DEFAULT_QUALITY):
             out = io.BytesIO()
             _to_rgb(image).save(out, "JPEG", quality=int(quality))
             return out.getvalue(), height, width, True
+    except Image.DecompressionBombError as err:  # a size our header check did not find
+        raise ValueError("{} (Pillow's limit: Image.MAX_IMAGE_PIXELS)".format(err))
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad data
         # Without object addresses ("<_io.BytesIO object at 0x...>"): the manifest must not vary by run.
         detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip() or type(err).__name__

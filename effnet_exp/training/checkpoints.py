@@ -5,12 +5,14 @@ import shutil
 import tensorflow as tf
 
 from effnet_exp.errors import UserError
+from effnet_exp.model.restore import checkpoint_reader
 from effnet_exp.run_folder import (BEST_DIR, BEST_RECORD, atomic_write_json, atomic_write_text, checkpoint_exists,
                                    latest_checkpoint, read_json)
 
 
 def checkpoint_step(prefix):
-    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    """The checkpoint's global step (else the -N of its name); UserError naming an unreadable checkpoint."""
+    reader = checkpoint_reader(prefix)
     if reader.has_tensor("global_step"):
         return int(reader.get_tensor("global_step"))
     tail = prefix.rsplit("-", 1)
