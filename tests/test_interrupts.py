@@ -149,9 +149,19 @@ def test_sweep_interrupted_in_its_second_job(reference, tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     proc = run_at("building@2", ["-m", "mode=eval", "eval.checkpoint=" + str(reference), "eval.batch_size=64,128",
                                  "hydra.sweep.dir=" + str(sweep_dir)] + TINY[:1], tmp_path, cache_dir)
-    assert_stopped(proc, signal.SIGTERM, "while evaluating")
+    assert_stopped(proc, signal.SIGTERM, "while evaluating", "the sweep stopped after 2 job(s)")
     statuses = [json.load(open(str(sweep_dir / str(n) / "status.json")))["status"] for n in (0, 1)]
     assert statuses == ["completed", "interrupted"]
     summary = open(str(sweep_dir / "summary.md")).read()
     assert "1 completed, 1 interrupted" in summary
     assert (sweep_dir / "0" / "eval.json").exists() and not (sweep_dir / "1" / "eval.json").exists()
+
+
+def test_sweep_interrupted_between_two_jobs(reference, tmp_path, cache_dir):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_at("job_end", ["-m", "mode=eval", "eval.checkpoint=" + str(reference), "eval.batch_size=64,128",
+                              "hydra.sweep.dir=" + str(sweep_dir)] + TINY[:1], tmp_path, cache_dir)
+    assert_stopped(proc, signal.SIGTERM, "the sweep stopped after 1 job(s), see {}".format(sweep_dir / "summary.md"))
+    assert json.load(open(str(sweep_dir / "0" / "status.json")))["status"] == "completed"
+    assert not (sweep_dir / "1").exists()
+    assert "1 job(s): 1 completed" in open(str(sweep_dir / "summary.md")).read()

@@ -45,9 +45,12 @@ class SweepReportCallback(Callback):
 def sweep_interrupted(stop):
     """run.py's end after a signal (an Interrupted): the report of the sweep it cut short, if any, and one
     `error:` line; returns the exit status, 128 + the signal."""
+    message = str(stop)
     if _RUNNING.get("sweep_dir"):
-        report_sweep(_RUNNING.pop("sweep_dir"))
-    sys.stderr.write("error: {}\n".format(stop))
+        report = report_sweep(_RUNNING.pop("sweep_dir"))
+        message += "; the sweep stopped after {} job(s), see {}".format(
+            len(report.rows), os.path.join(_LAST["sweep_dir"], "summary.md"))
+    sys.stderr.write("error: {}\n".format(message))
     return stop.exit_code
 
 
