@@ -2,7 +2,6 @@
 
 Importing this module never imports TensorFlow, so Hydra rejects bad keys and values before any graph work.
 """
-import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -13,19 +12,10 @@ from effnet_exp.data.config import DatasetConfig
 from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDeviceConfig
 from effnet_exp.export.config import ExportConfig
 from effnet_exp.model.config import ModelConfig
+from effnet_exp.modes import Mode
 from effnet_exp.training.config import EvalConfig, OptimizerConfig, PredictConfig, TrainConfig
 
 
-class Mode(enum.Enum):
-    train_eval = "train_eval"
-    train = "train"
-    eval = "eval"
-    predict = "predict"
-    export = "export"
-
-
-TRAINING_MODES = (Mode.train_eval, Mode.train)
-INFERENCE_MODES = (Mode.eval, Mode.predict, Mode.export)  # the weights come from eval.checkpoint
 
 @dataclass
 class RunConfig:

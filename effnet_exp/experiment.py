@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from effnet_exp import interrupts, run_folder
-from effnet_exp.config import Mode
+from effnet_exp.modes import Mode
 from effnet_exp.devices.base import Purpose
 from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError

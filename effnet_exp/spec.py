@@ -11,13 +11,14 @@ from typing import Any, List, Optional
 from omegaconf import OmegaConf
 
 from effnet_exp import run_folder
-from effnet_exp.config import INFERENCE_MODES, TRAINING_MODES, Mode, requested_image_size
+from effnet_exp.config import requested_image_size
 from effnet_exp.data.config import Normalization
 from effnet_exp.data.imagenet_classes import imagenet_class_names
 from effnet_exp.data.source import resolve_data_source
 from effnet_exp.errors import UserError
 from effnet_exp.model.config import ModelConfig
 from effnet_exp.model.restore import checkpoint_num_classes, resolve_weights
+from effnet_exp.modes import INFERENCE_MODES, TRAINING_MODES, Mode
 from effnet_exp.training.checkpoints import checkpoint_step
 
 log = logging.getLogger(__name__)

@@ -3,12 +3,13 @@
 String choices are Enums in the schemas, so Hydra itself rejects a bad choice, naming the key and the values.
 The rules that involve the device's environment (ranks, TF_CONFIG, the replica count) are the device's check().
 """
-from effnet_exp.config import INFERENCE_MODES, Mode, requested_image_size
+from effnet_exp.config import requested_image_size
 from effnet_exp.data.config import check_dataset
 from effnet_exp.devices.config import check_device
 from effnet_exp.errors import UserError
 from effnet_exp.export.config import check_export
 from effnet_exp.model.config import check_model
+from effnet_exp.modes import INFERENCE_MODES, Mode
 from effnet_exp.training.config import check_eval, check_optimizer, check_train
 
 

@@ -197,7 +197,7 @@ def test_recipe_run_saves_ema_and_evaluates_it(tmp_path, cache_dir):
     object is the same after the run as before it (what the run derives lives in the run spec)."""
     from omegaconf import OmegaConf
 
-    from effnet_exp.config import Mode
+    from effnet_exp.modes import Mode
     from effnet_exp.experiment import prepare, run
     from effnet_exp.resume import _typed
     from effnet_exp.run_folder import SAVED_CONFIG

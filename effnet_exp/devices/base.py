@@ -9,7 +9,7 @@ import enum
 
 import tensorflow as tf
 
-from effnet_exp.config import TRAINING_MODES
+from effnet_exp.modes import TRAINING_MODES
 from effnet_exp.devices import distribute
 from effnet_exp.devices.config import Strategy
 from effnet_exp.devices.placement import SINGLE
