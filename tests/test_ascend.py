@@ -9,6 +9,7 @@ broadcast and written), never the adapter itself. The environment parsing and th
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ FAKE_NPU_BRIDGE = '''
 effnet-exp uses, plain TensorFlow on the CPU; every call is appended to CALLS (and to $FAKE_NPU_LOG as JSON)."""
 import json
 import os
+import signal
 
 import tensorflow as tf
 
@@ -403,14 +405,14 @@ def test_fake_npu_rank1_writes_no_checkpoint(tmp_path, cache_dir, monkeypatch):
 # lr=0 and no dropout / drop-connect: the weights never change, so each step's loss and top-1 depend only on the
 # batch the rank reads. Equal per-step metrics then mean equal input positions (the FAKE NPUDistributedOptimizer
 # does not average gradients across processes, so with lr>0 the ranks would drift apart by design of the fake).
-RESUME_RUN = ["model.image_size=32", "train.batch_size=8", "train.steps=60", "train.log_every=1",
+RESUME_RUN = ["model.image_size=32", "train.batch_size=8", "train.steps=16", "train.log_every=1",
               "train.checkpoint_every=4", "optimizer.lr=0", "model.dropout_rate=0", "model.survival_prob=1.0",
               "model.pretrained=null", "mode=train"]
 
 
-def launch_ranks(tmp_path, run_dir, cache_dir):
+def launch_ranks(tmp_path, run_dir, cache_dir, signal_at=""):
     env = dict(os.environ, EFFNET_EXP_CACHE=cache_dir, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=fake_rank_env(tmp_path, 0)["PYTHONPATH"])
+               PYTHONPATH=fake_rank_env(tmp_path, 0)["PYTHONPATH"], EFFNET_EXP_SIGNAL_AT=signal_at)
     return subprocess.Popen([sys.executable, "-m", "effnet_exp.tools.launch_ascend", "--devices", "2",
                              "--rank-table", write_rank_table(tmp_path), "--run-dir", str(run_dir), "--"] + RESUME_RUN,
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -428,28 +430,26 @@ def comparable(records):
 
 
 def test_fake_npu_relaunched_ranks_resume_at_the_chiefs_step_and_input_position(tmp_path, cache_dir):
-    """FAKE npu_bridge, 2 ranks as processes through the launcher: the job is stopped (SIGTERM to the launcher)
-    after rank 0's first checkpoint, then relaunched with the same command. Every rank must resume at the step of
-    rank 0's checkpoint, at the same input position of its own shard, and trim its own metrics.jsonl; so each rank's
+    """FAKE npu_bridge, 2 ranks as processes through the launcher: rank 0 gets SIGTERM while it saves its second
+    checkpoint (it sends it to itself, see effnet_exp/interrupts.py; only the chief saves), the launcher then
+    stops rank 1, and the job is relaunched with the same command. Every rank must resume at the step of rank 0's
+    checkpoint, at the same input position of its own shard, and trim its own metrics.jsonl; so each rank's
     metrics equal those of an uninterrupted run, step for step."""
     whole = tmp_path / "whole"
     proc = launch_ranks(tmp_path, whole, cache_dir)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     stopped = tmp_path / "stopped"
-    proc = launch_ranks(tmp_path, stopped, cache_dir)
-    deadline = time.time() + 300
-    while not (stopped / "checkpoints" / "checkpoint").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    proc.send_signal(15)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 128 + 15
+    proc = launch_ranks(tmp_path, stopped, cache_dir, signal_at="saving@2")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + 15, out + err
+    assert "rank 0 exited with status 143" in err
     before = [comparable(rank_metrics(stopped, rank)) for rank in (0, 1)]
     proc = launch_ranks(tmp_path, stopped, cache_dir)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     chief_step = before[0][-1][0]  # rank 0 logged and saved the step it stopped at
+    assert chief_step == 8
     whole_records = [comparable(rank_metrics(whole, rank)) for rank in (0, 1)]
     for rank, folder in ((0, stopped), (1, stopped / "rank_1")):
         log_text = open(str(folder / "run.log")).read()
@@ -499,6 +499,29 @@ def test_launcher_fails_the_job_when_a_rank_fails(tmp_path):
     assert proc.returncode == 3
     assert time.time() - started < 30 and not marker.exists()  # rank 0 was stopped, not waited for
     assert "rank 1 exited with status 3" in proc.stderr and "rank 1 breaks" in proc.stderr
+
+
+def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
+    """A preempted job: SIGTERM to the launcher reaches each rank, and the launcher exits 143."""
+    table = write_rank_table(tmp_path)
+    child = ("import os, signal, sys, time\n"
+             "def stop(signum, frame):\n"
+             "    open('stopped_%s' % os.environ['RANK_ID'], 'w').write(str(signum)); sys.exit(128 + signum)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "open('started_%s' % os.environ['RANK_ID'], 'w').close()\n"
+             "time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "effnet_exp.tools.launch_ascend", "--devices", "2", "--rank-table",
+                             table, "--run-dir", "run", "--exec", "--", sys.executable, "-c", child], cwd=str(tmp_path),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    deadline = time.time() + 60
+    while not all((tmp_path / "started_{}".format(rank)).exists() for rank in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert [(tmp_path / "stopped_{}".format(rank)).read_text() for rank in (0, 1)] == ["15", "15"]
 
 
 def test_launcher_needs_a_rank_table_for_several_devices(tmp_path):
