@@ -265,5 +265,7 @@ class _Loop(object):
             self._log(step)
         self._save(step)
         signum = interrupts.requested()
-        raise interrupts.Interrupted(signum, "stopped by {} at step {}; checkpoint {} saved".format(
-            interrupts.signal_name(signum), step, self.checkpoint))
+        saved = "checkpoint {} saved".format(self.checkpoint) if self.spec.placement.chief else \
+            "the chief process saves the checkpoints"
+        raise interrupts.Interrupted(signum, "stopped by {} at step {}; {}".format(
+            interrupts.signal_name(signum), step, saved))
