@@ -9,11 +9,11 @@ import enum
 
 import tensorflow as tf
 
-from effnet_exp.modes import TRAINING_MODES
 from effnet_exp.devices import distribute
 from effnet_exp.devices.config import Strategy
 from effnet_exp.devices.placement import SINGLE
 from effnet_exp.errors import UserError
+from effnet_exp.modes import TRAINING_MODES
 
 
 class Purpose(enum.Enum):
