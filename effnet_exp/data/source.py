@@ -85,12 +85,16 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
                       "tfrecord", None, None, num_classes)
 
 
+def files_text(files):
+    """The first three of files, and how many there are, for a message."""
+    return ", ".join(files[:3]) + (", ... ({} files)".format(len(files)) if len(files) > 3 else "")
+
+
 def _check_not_empty(split, files, count):
     """A split's files that hold no record at all stop the run before any graph (and any checkpoint)."""
     if files and count == 0:
-        shown = ", ".join(files[:3]) + (", ... ({} files)".format(len(files)) if len(files) > 3 else "")
         raise UserError("the {} split has no records: {} {} empty".format(
-            split, shown, "is" if len(files) == 1 else "are all"))
+            split, files_text(files), "is" if len(files) == 1 else "are all"))
 
 
 def _check_manifest(ds_cfg, data_dir):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from effnet_exp import interrupts, run_folder
 from effnet_exp.data.diagnostics import data_errors, skipped_records
 from effnet_exp.data.pipeline import build_dataset
+from effnet_exp.data.source import files_text
 from effnet_exp.devices.base import Purpose
 from effnet_exp.errors import UserError
 from effnet_exp.model.restore import InferenceModel
@@ -73,12 +74,10 @@ class Evaluator(object):
             log.warning("skipped %d bad record(s) of the validation set (dataset.skip_bad_records)", skipped)
         n = int(totals["num_images"])
         if n == 0:
-            files = spec.source.eval_files
-            shown = ", ".join(files[:3]) + (", ... ({} files)".format(len(files)) if len(files) > 3 else "")
             why = "all {} record(s) were bad and skipped (dataset.skip_bad_records)".format(skipped) if skipped \
                 else "they hold no records"
             raise UserError("no validation images to evaluate in {} ({}): {}".format(
-                spec.source.data_dir, shown, why))
+                spec.source.data_dir, files_text(spec.source.eval_files), why))
         if spec.source.num_eval and spec.source.num_eval != n + skipped:
             log.warning("evaluated %d images but the dataset is said to hold %d", n, spec.source.num_eval)
         return {"top1": totals["top1"] / float(n), "top5": totals["top5"] / float(n),
