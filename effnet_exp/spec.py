@@ -20,6 +20,7 @@ from effnet_exp.model.config import ModelConfig
 from effnet_exp.model.restore import checkpoint_num_classes, resolve_weights
 from effnet_exp.modes import INFERENCE_MODES, TRAINING_MODES, Mode
 from effnet_exp.training.checkpoints import checkpoint_step
+from effnet_exp.training.class_weights import resolve_class_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RunSpec:
     resume_step: int = 0
     total_steps: int = 0
     steps_per_epoch: float = 0.0
+    class_weights: Optional[List[float]] = None  # train: the loss weight of each class (train.class_weights)
 
     @property
     def placement(self):
@@ -118,7 +120,9 @@ def _with_data(spec):
     changes = dict(source=source, model=model, class_names=source.class_names or spec.class_names)
     if cfg.mode in TRAINING_MODES:
         changes.update(steps_per_epoch=source.num_train / float(cfg.train.batch_size),
-                       total_steps=_step_total(cfg.train, source.num_train, spec.device.steps_per_run))
+                       total_steps=_step_total(cfg.train, source.num_train, spec.device.steps_per_run),
+                       class_weights=resolve_class_weights(cfg.train, source, cfg.dataset, model.num_classes,
+                                                           source.class_names))
     return dataclasses.replace(spec, **changes)
 
 

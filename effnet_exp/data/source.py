@@ -85,6 +85,47 @@ def resolve_data_source(ds_cfg, need_train=True, need_eval=True):
                       "tfrecord", None, None, num_classes)
 
 
+def train_class_counts(source, ds_cfg, num_classes):
+    """(images per class of the training split, where the counts come from): an image folder's file list, else the
+    TFRecord folder's manifest.json when it lists per-class counts for exactly these training files, else one pass
+    over the training records (logged; bad records and labels out of range are not counted)."""
+    counts = [0] * num_classes
+    if source.kind == "folder":
+        for _, label in source.train_items:
+            counts[label] += 1
+        return counts, "the image folder's file list"
+    listed = _manifest_counts(source.data_dir, source.train_files, num_classes)
+    if listed is not None:
+        return listed, os.path.join(source.data_dir, MANIFEST)
+    log.info("counting the labels of the training records (no per-class counts for these files in %s): one "
+             "pass over %s", MANIFEST, files_text(source.train_files))
+    for path in source.train_files:
+        try:
+            for payload in tf.compat.v1.io.tf_record_iterator(path):
+                label, _ = inspect_payload(payload, ds_cfg)
+                if label is not None and 0 <= label < num_classes:
+                    counts[label] += 1
+        except tf.errors.OpError:  # a broken file: its readable records are counted
+            pass
+    return counts, "a pass over the training records"
+
+
+def _manifest_counts(data_dir, train_files, num_classes):
+    """The manifest's per-class counts of the split made of exactly train_files, by class index; else None."""
+    path = os.path.join(data_dir, MANIFEST)
+    if "://" in data_dir or not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        manifest = json.load(handle)
+    names = manifest.get("class_names") or []
+    files = set(os.path.basename(f) for f in train_files)
+    for split in manifest.get("splits", {}).values():
+        per_class = split.get("per_class") or {}
+        if set(split.get("files", [])) == files and len(names) == num_classes and set(per_class) == set(names):
+            return [int(per_class[name]) for name in names]
+    return None
+
+
 def files_text(files):
     """The first three of files, and how many there are, for a message."""
     return ", ".join(files[:3]) + (", ... ({} files)".format(len(files)) if len(files) > 3 else "")

@@ -2,7 +2,7 @@
 TensorFlow import here)."""
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from effnet_exp.errors import UserError
 
@@ -56,6 +56,10 @@ class OptimizerConfig:
     beta2: float = 0.999
 
 
+# train.class_weights=balanced: the weights from the training split's class counts.
+BALANCED = "balanced"
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 50
@@ -86,6 +90,16 @@ class TrainConfig:
     ema_decay: Optional[float] = None
     # clip the gradients to this global norm (null: no clipping).
     clip_grad_norm: Optional[float] = None
+    # Mixing of the training batch (effnet_exp/training/mixing.py), with lambda ~ Beta(alpha, alpha) per batch and
+    # soft targets; alpha 0: off. MixUp blends each image with its partner in the batch reversed (often 0.2-0.8);
+    mixup_alpha: float = 0.0
+    # CutMix pastes in a box of the partner image, lambda then the image's own share of pixels (often 1.0);
+    cutmix_alpha: float = 0.0
+    # with both on, a batch is cut with this probability, else blended.
+    mix_switch_prob: float = 0.5
+    # Weighted cross-entropy: none | balanced (N / (C x n_c) from the training split's class counts) | a list
+    # [w0, w1, ...] of one weight >= 0 per class. Typed Any: Hydra takes a string or a list from the command line.
+    class_weights: Any = "none"
 
 
 @dataclass
@@ -140,6 +154,28 @@ def check_train(cfg):
         raise UserError("train.ema_decay={} must be in (0, 1), or null for no moving average".format(cfg.ema_decay))
     if cfg.clip_grad_norm is not None and cfg.clip_grad_norm <= 0:
         raise UserError("train.clip_grad_norm={} must be > 0, or null for no clipping".format(cfg.clip_grad_norm))
+    for key, value in (("mixup_alpha", cfg.mixup_alpha), ("cutmix_alpha", cfg.cutmix_alpha)):
+        if not 0 <= value < float("inf"):
+            raise UserError("train.{}={} must be a finite number >= 0 (0: off)".format(key, value))
+    if not 0 <= cfg.mix_switch_prob <= 1:
+        raise UserError("train.mix_switch_prob={} must be in [0, 1]".format(cfg.mix_switch_prob))
+    class_weights_setting(cfg.class_weights)
+
+
+def class_weights_setting(value):
+    """train.class_weights as None (none), BALANCED, or a list of floats; UserError naming the key and value."""
+    if value is None or value == "none":
+        return None
+    if value == BALANCED:
+        return BALANCED
+    if isinstance(value, (list, tuple)) and all(_is_weight(w) for w in value) and any(w > 0 for w in value):
+        return [float(w) for w in value]
+    raise UserError("train.class_weights={} must be none, balanced or a list [w0, w1, ...] of one weight per class, "
+                    "each >= 0 and at least one above 0".format(value))
+
+
+def _is_weight(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
 
 
 def check_eval(cfg):

@@ -11,8 +11,9 @@ import tensorflow as tf
 
 from effnet_exp.model.efficientnet import build_efficientnet
 from effnet_exp.model.restore import HEAD_SCOPE, model_variables
+from effnet_exp.training import mixing
 from effnet_exp.training.config import NonFinitePolicy
-from effnet_exp.training.metrics import cross_entropy, top_k_accuracy
+from effnet_exp.training.metrics import soft_cross_entropy, top_k_accuracy
 from effnet_exp.training.optimizers import build_optimizer
 from effnet_exp.training.regularization import WeightsAverage, clip_gradients, weight_decay_loss
 from effnet_exp.training.schedules import Schedule
@@ -54,11 +55,17 @@ def build_train_step(spec, replicas, inputs, global_step):
     cfg, device = spec.cfg, spec.device
     schedule = Schedule(cfg.optimizer, cfg.train.batch_size, spec.steps_per_epoch, spec.total_steps)
     scalings = []  # the replica step's LossScaling (every replica builds the same one)
+    if mixing.describe(cfg.train):
+        log.info("%s", mixing.describe(cfg.train))
 
     def replica_step(images, labels):
+        # labels: what the train top-1 counts, the dominant label of each image when the batch is mixed.
+        images, targets, labels = mixing.training_batch(images, labels, spec.model.num_classes, cfg.train, cfg.seed,
+                                                        global_step, spec.placement)
         logits, _ = build_efficientnet(images, spec.model, is_training=True, freeze_bn=cfg.train.freeze_bn,
                                        xla_swish_grad=device.xla_swish_grad)
-        loss = cross_entropy(logits, labels, spec.model.num_classes, cfg.train.label_smoothing)
+        class_weights = tf.constant(spec.class_weights, tf.float32) if spec.class_weights else None
+        loss = soft_cross_entropy(logits, targets, cfg.train.label_smoothing, class_weights)
         variables = trained_variables(spec.model.name, cfg.train.freeze_backbone)
         if cfg.train.weight_decay:
             loss = tf.add(loss, weight_decay_loss(variables, cfg.train.weight_decay), name="total_loss")
