@@ -3,6 +3,7 @@
     python benchmarks/pipeline_benchmark.py                  # throughput table
     python benchmarks/pipeline_benchmark.py --memory         # peak RSS: an epoch of 4096 vs 40960 records
     python benchmarks/pipeline_benchmark.py --cores 1,2,4    # scaling (CPU affinity per measurement)
+    python benchmarks/pipeline_benchmark.py --augment        # each dataset.augment policy, and B0's train step
 
 The photographs are the real JPEGs that ship with scikit-learn (china.jpg, flower.jpg, 640x427), plus
 scikit-image's bundled photographs when scikit-image is installed (re-encoded as JPEG, native sizes).
@@ -128,6 +129,8 @@ def child(spec):
     if spec.get("cores"):
         os.sched_setaffinity(0, list(sorted(os.sched_getaffinity(0)))[:spec["cores"]])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if spec["impl"] == "train_step":
+        return _train_step_child(spec)
     # TensorFlow (and what imports it) only now: after the CPU affinity and the log level are set.
     import tensorflow as tf
 
@@ -172,6 +175,19 @@ def child(spec):
     return {"images_per_sec": count / elapsed, "images": count, "seconds": elapsed,
             "cpu_ms_per_image": 1000.0 * cpu / max(count, 1),
             "peak_rss_mb": peak_kb / 1024.0, "tf": tf.__version__}
+
+
+def _train_step_child(spec):
+    """B0's training step (forward, backward, update) on a batch held in memory: images/s, median of the steps."""
+    from effnet_exp.tools import benchmark
+
+    steps = benchmark.ours("efficientnet_b0", spec["batch"], spec["image_size"], (0, 0))
+    cpu_started = _cpu_seconds()
+    rate = benchmark.median_rate(steps["train"], spec["batch"], spec["batches"], spec["warmup"])
+    cpu = _cpu_seconds() - cpu_started
+    count = spec["batch"] * (spec["batches"] + spec["warmup"])
+    return {"images_per_sec": rate, "cpu_ms_per_image": 1000.0 * cpu / count,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
 def _cpu_seconds():
@@ -223,6 +239,8 @@ def main(argv=None):
                         help="peak RSS over one training epoch of --memory-records vs 10x as many records")
     parser.add_argument("--memory-records", type=int, default=4096,
                         help="records of the 1x epoch (the --records shards linked again as needed)")
+    parser.add_argument("--augment", action="store_true",
+                        help="our training pipeline with each dataset.augment policy, against B0's train step")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -252,6 +270,8 @@ def main(argv=None):
                                                             sorted(base["cfg"].items()))))
         if args.memory:
             return _memory(args, base, work, data_dir)
+        if args.augment:
+            return _augment(args, base)
         print("| preprocessing | cores | ours img/s | plain img/s | ours/plain | ours CPU ms/img | "
               "plain CPU ms/img | ours peak RSS MB | plain peak RSS MB |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -273,6 +293,35 @@ def main(argv=None):
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+POLICIES = ("none", "autoaugment", "randaugment")
+
+
+def _augment(args, base):
+    """Our training pipeline with each policy (best of --repeat, alternating), then B0's train step alone."""
+    results = {policy: [] for policy in POLICIES}
+    for _ in range(args.repeat):
+        for policy in POLICIES:
+            spec = dict(base, split="train", impl="ours", cores=0, cfg=dict(base["cfg"], augment=policy))
+            results[policy].append(run_child(spec))
+    step = max((run_child(dict(base, impl="train_step", cores=0, batches=min(args.batches, 10), warmup=2))
+                for _ in range(args.repeat)), key=lambda r: r["images_per_sec"])
+    print("| dataset.augment | input img/s | input CPU ms/img | img/s vs none | input / B0 train step |")
+    print("|---|---|---|---|---|")
+    none = max(r["images_per_sec"] for r in results["none"])
+    for policy in POLICIES:
+        rate = max(r["images_per_sec"] for r in results[policy])
+        cpu = min(r["cpu_ms_per_image"] for r in results[policy])
+        print("| {} | {:.1f} | {:.2f} | {:.2f}x | {:.1f}x |".format(
+            policy, rate, cpu, rate / none, rate / step["images_per_sec"]))
+    print("# B0 train step at {0}x{0}, batch {1}, batch in memory: {2:.1f} img/s ({3:.0f} CPU ms/img)".format(
+        args.image_size, args.batch, step["images_per_sec"], step["cpu_ms_per_image"]))
+    slowest = min(max(r["images_per_sec"] for r in results[policy]) for policy in POLICIES)
+    print("# input-bound: {} (the slowest policy's input rate is {:.1f}x the train step's; both share the "
+          "machine's cores in a real run)".format("yes" if slowest < step["images_per_sec"] else "no",
+                                                  slowest / step["images_per_sec"]))
+    return 0
 
 
 def _linked(work, name, shards, copies):

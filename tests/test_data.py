@@ -385,6 +385,32 @@ def test_train_stream_resumes_at_its_position(records):
         assert all(np.array_equal(a[0], b[0]) for a, b in zip(resumed, full[start:start + 9]))
 
 
+@pytest.mark.parametrize("policy", ["autoaugment", "randaugment"])
+def test_augmented_stream_is_the_same_whatever_the_threads_and_resumes_exactly(records, policy):
+    """Every choice of the policy comes from the image's stateless seed: a parallel map gives the batches of a
+    sequential one, and a resumed stream the augmented images of the uninterrupted one."""
+    def stream(threads, start, count, augment=policy):
+        return _collect(lambda: _build(
+            _cfg(num_parallel_calls=threads, augment=augment), records["slim"], "train-*", 1, 32,
+            is_training=True, seed=3, start_position=start), max_batches=count)
+
+    # Both at once: a sequential map resumed after 5 images against an uninterrupted parallel one.
+    parallel, resumed = stream(4, 0, 14), stream(1, 5, 9)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(resumed, parallel[5:]))
+    # The policy is on: the same crops without it differ from these in most images.
+    plain = stream(4, 0, 14, augment="none")
+    changed = sum(not np.array_equal(a[0], b[0]) for a, b in zip(plain, parallel))
+    assert changed >= 7, changed
+
+
+def test_augment_config_is_checked():
+    for key, value in (("num_layers", -1), ("num_layers", 17), ("magnitude", -0.5), ("magnitude", 31.0)):
+        cfg = DatasetConfig()
+        setattr(cfg.randaugment, key, value)
+        with pytest.raises(UserError, match=r"dataset\.randaugment\.{}={}".format(key, value)):
+            check_dataset(cfg)
+
+
 @pytest.mark.parametrize("pattern", ["validation-*", "validation-00000-*"])
 def test_sharding_covers_every_record_once(records, pattern):
     # Two files -> file-level shards; one file -> record-level shards.

@@ -9,6 +9,8 @@ from effnet_exp.errors import UserError
 # The files beside a dataset's TFRecord shards: class names one per line, and what the conversion wrote.
 LABELS_FILE = "labels.txt"
 MANIFEST = "manifest.json"
+# Beyond it, several ops stop changing (Solarize) or wrap around (Rotate past 90 degrees at 30).
+MAX_MAGNITUDE = 30.0
 
 
 class Normalization(str, enum.Enum):
@@ -16,6 +18,21 @@ class Normalization(str, enum.Enum):
     imagenet = "imagenet"  # (x - ImageNet mean) / ImageNet std, per channel, on the 0-255 scale
     unit = "unit"  # x / 255
     lite = "lite"  # (x - 127) / 128, what the EfficientNet-Lite weights expect
+
+
+class AugmentPolicy(str, enum.Enum):
+    """The training images' augmentation policy (effnet_exp/data/augment.py), the reference's names."""
+    none = "none"
+    autoaugment = "autoaugment"  # policy v0: one of 25 two-op sub-policies per image
+    randaugment = "randaugment"  # num_layers ops drawn per image, each at the same magnitude
+
+
+@dataclass
+class RandAugmentConfig:
+    # The reference's defaults (its flags randaug_num_layers and randaug_magnitude).
+    num_layers: int = 2
+    # On the reference's scale: 10 is its maximum level; above 10 the ops go further (rotate 45 degrees at 15).
+    magnitude: float = 10.0
 
 
 class Builtin(str, enum.Enum):
@@ -60,6 +77,10 @@ class DatasetConfig:
     area_range: List[float] = field(default_factory=lambda: [0.08, 1.0])
     max_attempts: int = 10
     crop_padding: int = 32
+    # A policy applied to each training image after crop, flip and resize, on its uint8 pixels (evaluation is never
+    # augmented). Its pixel constants (translate, cutout) are the reference's at 224x224, scaled with the image size.
+    augment: AugmentPolicy = AugmentPolicy.none
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     # tf.data knobs; -1 means AUTOTUNE.
     # Records held for shuffling (serialized, before decoding): bounds the pipeline's memory.
     shuffle_buffer: int = 1024
@@ -96,6 +117,10 @@ def check_dataset(cfg):
     _require(_is_range(cfg.area_range, 1.0), "area_range", cfg.area_range, "[low, high] with 0 < low <= high <= 1")
     _require(cfg.max_attempts >= 1, "max_attempts", cfg.max_attempts, "at least 1")
     _require(cfg.crop_padding >= 0, "crop_padding", cfg.crop_padding, "0 or more")
+    _require(0 <= cfg.randaugment.num_layers <= 16, "randaugment.num_layers", cfg.randaugment.num_layers,
+             "in [0, 16]")
+    _require(0.0 <= cfg.randaugment.magnitude <= MAX_MAGNITUDE, "randaugment.magnitude", cfg.randaugment.magnitude,
+             "in [0, {}] (10 is the reference's maximum level)".format(MAX_MAGNITUDE))
     # 0 or 1: no shuffle.
     _require(cfg.shuffle_buffer >= 0, "shuffle_buffer", cfg.shuffle_buffer, "0 or more")
     _require(cfg.cycle_length >= 1, "cycle_length", cfg.cycle_length, "at least 1")

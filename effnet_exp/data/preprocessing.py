@@ -16,7 +16,8 @@ An image whose header declares more than folder.MAX_IMAGE_PIXELS pixels stops be
 import numpy as np
 import tensorflow as tf
 
-from effnet_exp.data.config import Normalization
+from effnet_exp.data import augment
+from effnet_exp.data.config import AugmentPolicy, Normalization
 from effnet_exp.data.folder import MAX_IMAGE_PIXELS
 
 CROP_PADDING = 32
@@ -227,13 +228,19 @@ def preprocess_for_train(image_bytes, image_size,
                          random_flip=True,
                          crop_padding=CROP_PADDING,
                          seed=None,
-                         image_format="auto"):
+                         image_format="auto",
+                         policy=AugmentPolicy.none,
+                         num_layers=2,
+                         magnitude=10.0):
     """Random-crop training preprocessing of JPEG or PNG bytes -> float32 [S, S, 3], 0-255 scale.
 
     `seed`: None or an int op-level seed (with the graph-level seed, crops and flips repeat only
     if the elements draw in the same order, i.e. in a sequential map), or a [2] int64 tensor, a
     stateless seed of this one element (the input pipeline's choice: the same crop and flip for
     the same element, whatever thread of a parallel map runs it).
+
+    `policy` (an AugmentPolicy or its name) other than none: the reference's place for it, after the
+    resize and flip, on the image clipped and cast to uint8 (num_layers and magnitude: RandAugment's).
     """
     image_size = int(image_size)
 
@@ -251,7 +258,19 @@ def preprocess_for_train(image_bytes, image_size,
         flip_seed = seed if seed is None or isinstance(seed, tf.Tensor) else int(seed) + 1
         image = _random_flip(image, seed=flip_seed)
     image = tf.reshape(image, [image_size, image_size, 3])
+    if AugmentPolicy(policy) != AugmentPolicy.none:
+        pixels = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+        image = augment.augment(pixels, AugmentPolicy(policy).value, _policy_seed(seed),
+                                num_layers=num_layers, magnitude=magnitude)
     return tf.cast(image, tf.float32)
+
+
+def _policy_seed(seed):
+    """The stateless [2] seed the policy draws from: the element's own, else one drawn (statefully) now."""
+    if isinstance(seed, tf.Tensor):
+        return seed
+    return tf.compat.v1.random_uniform([2], maxval=2 ** 62, dtype=tf.int64,
+                                       seed=None if seed is None else int(seed) + 2)
 
 
 def preprocess_for_eval(image_bytes, image_size, crop_padding=CROP_PADDING, image_format="auto"):
@@ -276,7 +295,10 @@ def preprocess_image(image_bytes, image_size, is_training, cfg, seed=None, image
             random_flip=bool(cfg.random_flip),
             crop_padding=cfg.crop_padding,
             seed=seed,
-            image_format=image_format)
+            image_format=image_format,
+            policy=cfg.augment,
+            num_layers=cfg.randaugment.num_layers,
+            magnitude=cfg.randaugment.magnitude)
     return preprocess_for_eval(image_bytes, image_size, crop_padding=cfg.crop_padding, image_format=image_format)
 
 

@@ -44,7 +44,7 @@ B0_EVAL_GFLOP_PER_IMAGE = 0.78
 B0_TRAIN_GFLOP_PER_IMAGE = 3 * B0_EVAL_GFLOP_PER_IMAGE
 
 
-def _median_rate(fn, units, steps, warmup):
+def median_rate(fn, units, steps, warmup):
     """units (images, FLOPs) per second of fn, which processes `units` per call: the median of `steps` calls."""
     for _ in range(warmup):
         fn()
@@ -120,7 +120,7 @@ def rates_in_rounds(sides, steps, warmup, rounds):
     for _ in range(rounds):
         for side, (units, fns) in sides.items():
             for kind, fn in fns.items():
-                measured[side][kind].append(_median_rate(fn, units, steps, warmup))
+                measured[side][kind].append(median_rate(fn, units, steps, warmup))
     return {side: {kind: float(np.median(values)) for kind, values in kinds.items()}
             for side, kinds in measured.items()}
 
@@ -193,7 +193,7 @@ def pipeline_rate(batch, image_size):
                                 normalization=ds_cfg.normalization, seed=0)
         batch_op = tf.compat.v1.data.make_one_shot_iterator(dataset).get_next()
         with tf.compat.v1.Session() as sess:
-            return _median_rate(lambda: sess.run(batch_op), batch, 20, 5)
+            return median_rate(lambda: sess.run(batch_op), batch, 20, 5)
 
 
 def parse_args(argv):
