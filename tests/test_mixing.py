@@ -306,12 +306,13 @@ def test_class_weight_settings_and_their_errors():
     assert run_config().train.class_weights == "none"
 
 
-def test_mixup_with_balanced_weights_runs_end_to_end(tmp_path, cache_dir):
+def test_mixup_with_balanced_weights_and_autoaugment_runs_end_to_end(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     proc = run_py(TINY + ["train.mixup_alpha=0.2", "train.class_weights=balanced", "train.label_smoothing=0.1",
-                          "hydra.run.dir=" + str(run_dir)], tmp_path, cache_dir)
+                          "dataset.augment=autoaugment", "hydra.run.dir=" + str(run_dir)], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log_text = (run_dir / "run.log").read_text()
+    assert "training images augmented by autoaugment (policy v0; pixel constants x 32/224)" in log_text
     assert log_text.count("class weights (train.class_weights=balanced") == 1
     assert "mixing each replica's batch with itself reversed: MixUp with lambda ~ Beta(0.2, 0.2)" in log_text
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -324,12 +325,14 @@ def test_mixup_with_balanced_weights_runs_end_to_end(tmp_path, cache_dir):
 MIRRORED_MIXING = TINY + ["model.blocks=[r1_k3_s11_e1_i32_o16,r2_k3_s22_e6_i16_o24]", "model.pretrained=null",
                           "model.dropout_rate=0", "model.survival_prob=1.0", "mode=train", "train.steps=3",
                           "train.log_every=1", "train.checkpoint_every=2", "device.strategy=mirrored",
-                          "device.replicas=2", "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "seed=5"]
+                          "device.replicas=2", "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "seed=5",
+                          "dataset.augment=randaugment"]
 
 
 def test_mixing_under_mirrored_resumes_as_if_never_stopped(tmp_path, cache_dir):
-    """Both mixings under a two-replica strategy for 3 steps; then the run folder as a crash after step 2 left
-    it, resumed by the same command: step 3 mixes the same way (same loss, top-1 and weights)."""
+    """Both mixings and RandAugment under a two-replica strategy for 3 steps; then the run folder as a crash after
+    step 2 left it, resumed by the same command: step 3 augments and mixes the same way (same loss, top-1 and
+    weights)."""
     whole = tmp_path / "whole"
     proc = run_py(MIRRORED_MIXING + ["hydra.run.dir=" + str(whole)], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]

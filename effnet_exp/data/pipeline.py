@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from effnet_exp.data import preprocessing
-from effnet_exp.data.config import Normalization
+from effnet_exp.data.config import AugmentPolicy, Normalization
 from effnet_exp.data.diagnostics import (BAD_LABEL_MARK, BAD_RECORD_MARK, BROKEN, END_OK, FILE, KIND_NAMES, RECORD,
                                          TERMINAL, new_skip_counter)
 from effnet_exp.data.records import RECORD_OVERHEAD, count_records, file_size, make_example, serialize_example
@@ -167,6 +167,7 @@ def build_dataset(source, ds_cfg, *, is_training, batch_size, image_size, normal
     start_position = int(start_position or 0) if is_training else 0
     if is_training:
         seed = _stream_seed(seed)
+        _log_policy(ds_cfg, image_size)
     if records:
         dataset = _record_elements(listed, ds_cfg, is_training, seed, num_shards, shard_index, start_position)
     else:
@@ -288,6 +289,15 @@ def _record_elements(files, cfg, is_training, seed, num_shards, shard_index, sta
         epoch, offset = _start(start_position, epoch_size)
         log.info("input resumes at epoch %d, record %d of %d", epoch, offset, epoch_size)
     return _epochs(epoch_records, epoch, offset, skip=_skip_records)
+
+
+def _log_policy(cfg, image_size):
+    policy = AugmentPolicy(cfg.augment)
+    if policy == AugmentPolicy.randaugment:
+        log.info("training images augmented by randaugment: %d ops per image at magnitude %g (pixel constants x %d/224)",
+                 cfg.randaugment.num_layers, cfg.randaugment.magnitude, image_size)
+    elif policy == AugmentPolicy.autoaugment:
+        log.info("training images augmented by autoaugment (policy v0; pixel constants x %d/224)", image_size)
 
 
 def _stream_seed(seed):
