@@ -146,9 +146,10 @@ def _assert_equal_but_ties(ours, expected, data, what):
 
 def test_geometric_ops_equal_pil_affine(photos):
     levels = (3, 4, 7, 10)  # level 4: a shear with whole rows of exact ties (0.12 * (y + 0.5) + 0.5 integer)
-    cases = [(name, level, sign, constants) for name in GEOMETRIC for level in levels for sign in (1.0, -1.0)
-             for constants in ("randaugment", "autoaugment") if constants == "randaugment" or "Translate" in name]
-    images = list(photos.values())
+    cases = [(name, level, sign, "randaugment") for name in GEOMETRIC for level in levels for sign in (1.0, -1.0)]
+    cases += [(name, level, sign, "autoaugment") for name in GEOMETRIC[3:] for level in (4, 9) for sign in (1.0, -1.0)]
+    # The mapping does not depend on the content: one full-size photograph, and the crops.
+    images = [photos[name] for name in ("china", "china224", "flower112", "flower61x97")]
     outputs = _evaluate(lambda image: [augment.apply_op(image, name, level, sign, constants=constants)
                                        for name, level, sign, constants in cases], images)
     for image, outs in zip(images, outputs):
@@ -234,25 +235,49 @@ def test_cutout_fills_one_square_placed_by_the_seed(photos):
 # --------------------------------------------------------------------------- policies
 
 
-def _documented_seed(seed, k):
-    return np.asarray(seed, np.int64) + np.asarray([k, 0], np.int64)
+def _documented_draws(seed, num_layers):
+    """The draws of the module docstring's scheme (sub-seeds seed + [k, 0]): AutoAugment's sub-policy,
+    RandAugment's ops, and per step a uniform (does it apply) and a sign."""
+    def sub_seed(k):
+        return seed + tf.constant([k, 0], tf.int64)
+    steps = [tf.random.stateless_uniform([2], sub_seed(101 + 2 * step)) for step in range(num_layers)]
+    return {"subpolicy": tf.random.stateless_uniform([], sub_seed(100), 0, 25, tf.int32),
+            "ops": tf.random.stateless_uniform([num_layers], sub_seed(100), 0, 16, tf.int32),
+            "uniforms": [draws[0] for draws in steps],
+            "signs": [tf.compat.v1.where_v2(draws[1] < 0.5, -1.0, 1.0) for draws in steps]}
 
 
-def _expected(image, steps, constants):
-    """The image through (name, level, sign, op seed) steps, one apply_op each."""
-    def build(placeholder):
-        out = placeholder
+def _through_steps(steps, constants):
+    """build(image) for the image through (name, level, sign, op seed) steps, one apply_op each."""
+    def build(image):
         for name, level, sign, op_seed in steps:
-            out = augment.apply_op(out, name, level, sign, tf.constant(op_seed), constants)
-        return out
+            image = augment.apply_op(image, name, level, sign, tf.constant(op_seed), constants)
+        return image
     return build
 
 
+def _expected_builds(seed, drawn):
+    """{policy: build(image)} from the documented draws: AutoAugment's steps below their probability, the
+    RandAugment ops (at magnitude 10 with 2 layers, 5 with 3), each step's op seeded with seed + [102 + 2i, 0]."""
+    op_seeds = [np.asarray(seed, np.int64) + [102 + 2 * step, 0] for step in range(3)]
+    subpolicy = augment.AUTOAUGMENT_V0[drawn["subpolicy"]]
+    aa_steps = [(name, level, drawn["signs"][step], op_seeds[step])
+                for step, (name, probability, level) in enumerate(subpolicy)
+                if drawn["uniforms"][step] < probability]
+
+    def ra_steps(count, magnitude):
+        return [(augment.OPS[index], magnitude, drawn["signs"][step], op_seeds[step])
+                for step, index in enumerate(drawn["ops" + str(count)])]
+    return {"aa": _through_steps(aa_steps, "autoaugment"), "ra": _through_steps(ra_steps(2, 10.0), "randaugment"),
+            "ra3": _through_steps(ra_steps(3, 5.0), "randaugment")}
+
+
 def test_policies_apply_their_drawn_steps(photos):
-    """Each policy equals its drawn ops applied one by one with apply_op (seed scheme of the module docstring);
-    randaugment applies exactly num_layers ops; static shape and dtype are kept."""
+    """Each policy equals the ops its seed draws (the module docstring's scheme) applied one by one with
+    apply_op; randaugment applies exactly num_layers ops; the same seed repeats the output, different seeds
+    vary it; static shape and dtype are kept."""
     image = photos["china224"]
-    seeds = [[s, 11] for s in range(12)]
+    seeds = [[s, 11] for s in range(20)]
     with tf.Graph().as_default():
         placeholder = tf.compat.v1.placeholder(tf.uint8, [224, 224, 3])
         seed = tf.compat.v1.placeholder(tf.int64, [2])
@@ -260,38 +285,34 @@ def test_policies_apply_their_drawn_steps(photos):
                     "ra": augment.augment(placeholder, "randaugment", seed),
                     "ra3": augment.randaugment(placeholder, seed, num_layers=3, magnitude=5.0),
                     "ra0": augment.randaugment(placeholder, seed, num_layers=0)}
-        draws = {"subpolicy": augment.subpolicy_index(seed), "ops2": augment.randaugment_op_indices(seed, 2),
-                 "ops3": augment.randaugment_op_indices(seed, 3),
-                 "steps": [augment.step_draws(seed, step)[:2] for step in range(3)],
-                 "documented": [tf.random.stateless_uniform([], seed + [100, 0], 0, 25, tf.int32),
-                                tf.random.stateless_uniform([2], seed + [102, 0])]}
+        documented = _documented_draws(seed, 3)
+        documented["ops2"] = _documented_draws(seed, 2)["ops"]
+        documented["ops3"] = documented.pop("ops")
+        helpers = {"subpolicy": augment.subpolicy_index(seed), "ops2": augment.randaugment_op_indices(seed, 2),
+                   "ops3": augment.randaugment_op_indices(seed, 3),
+                   "uniforms": [augment.step_draws(seed, step)[0] for step in range(3)],
+                   "signs": [augment.step_draws(seed, step)[1] for step in range(3)]}
         ops = [augment.apply_op(placeholder, name, 7, 1.0, seed) for name in augment.OPS]
         for out in list(policies.values()) + ops:
             assert out.dtype == tf.uint8 and out.shape.as_list() == [224, 224, 3]
         with tf.compat.v1.Session() as sess:
-            results = [sess.run([policies, draws], {placeholder: image, seed: s}) for s in seeds]
+            results = [sess.run([policies, documented, helpers], {placeholder: image, seed: s}) for s in seeds]
+            again = sess.run(policies, {placeholder: image, seed: seeds[0]})
 
-    expected = []
-    for s, (_, drawn) in zip(seeds, results):
-        assert drawn["subpolicy"] == drawn["documented"][0]
-        signs = [sign for _, sign in drawn["steps"]]
-        op_seeds = [_documented_seed(s, 102 + 2 * step) for step in range(3)]
-        aa_steps = [(name, level, signs[step], op_seeds[step])
-                    for step, (name, probability, level) in enumerate(augment.AUTOAUGMENT_V0[drawn["subpolicy"]])
-                    if drawn["steps"][step][0] < probability]
-        expected.append({"aa": _expected(image, aa_steps, "autoaugment"),
-                         "ra": _expected(image, [(augment.OPS[i], 10.0, signs[step], op_seeds[step])
-                                                 for step, i in enumerate(drawn["ops2"])], "randaugment"),
-                         "ra3": _expected(image, [(augment.OPS[i], 5.0, signs[step], op_seeds[step])
-                                                  for step, i in enumerate(drawn["ops3"])], "randaugment")})
-    built = _evaluate(lambda placeholder: [{key: build(placeholder) for key, build in cases.items()}
-                                           for cases in expected], [image])[0]
-    for (outs, _), wanted in zip(results, built):
+    for _, drawn, helped in results:
+        for key, value in drawn.items():
+            assert np.array_equal(helped[key], value), key
+    checked = results[:8]
+    expected = [_expected_builds(s, drawn) for s, (_, drawn, _) in zip(seeds, checked)]
+    built = _evaluate(lambda placeholder: [{key: build(placeholder) for key, build in builds.items()}
+                                           for builds in expected], [image])[0]
+    for (outs, _, _), wanted in zip(checked, built):
         assert np.array_equal(outs["ra0"], image)
         for key, value in wanted.items():
             assert np.array_equal(outs[key], value), key
     for key in ("aa", "ra"):
-        assert len({outs[key].tobytes() for outs, _ in results}) >= 6, key
+        assert np.array_equal(again[key], results[0][0][key])
+        assert len({outs[key].tobytes() for outs, _, _ in results}) >= 10, key
 
 
 def _chi_square(indices, bins):

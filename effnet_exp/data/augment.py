@@ -85,6 +85,10 @@ AUTOAUGMENT_V0 = (
 CHOICE_KEY = 100
 STEP_KEY = 101
 
+# The entry points build plain graph ops (their control flow is tf.switch_case): inside a tf.data map function
+# AutoGraph would otherwise convert every function they call, seconds of graph building for nothing.
+_plain_graph = tf.autograph.experimental.do_not_convert
+
 
 def _int_argument(level, maximum):
     """int32 int(level / 10 * maximum) of a float64 level >= 0."""
@@ -194,14 +198,12 @@ def _black(image):
 
 def _smooth(image):
     """PIL's ImageFilter.SMOOTH ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded) inside, border kept."""
+    pixels = tf.cast(image, tf.float32)
+    weights = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32)[:, :, tf.newaxis, tf.newaxis]
+    # Sums of integers below 2 ** 24: exact in float32.
+    total = tf.nn.depthwise_conv2d(pixels[tf.newaxis], tf.tile(weights, [1, 1, 3, 1]), [1, 1, 1, 1], "VALID")[0]
+    inside = (2 * tf.cast(total, tf.int32) + 13) // 26
     pixels = tf.cast(image, tf.int32)
-    shape = tf.shape(pixels)
-    height, width = shape[0], shape[1]
-    total = 4 * pixels[1:-1, 1:-1]
-    for dy in range(3):
-        for dx in range(3):
-            total += pixels[dy:height - 2 + dy, dx:width - 2 + dx]
-    inside = (2 * total + 13) // 26
     return pixels + tf.pad(inside - pixels[1:-1, 1:-1], [[1, 1], [1, 1], [0, 0]])
 
 
@@ -236,27 +238,16 @@ def _amount(name, level, image, constants):
 
 
 def _affine_data(name, amount, height, width):
-    """PIL's AFFINE data (a, b, c, d, e, f) of a geometric op, float64 scalars: the output pixel whose centre
-    is (X, Y) (PIL's coordinates: pixel (x, y) covers [x, x + 1) x [y, y + 1)) takes the input pixel
+    """PIL's AFFINE data (a, b, c, d, e, f) of a geometric op, python or float64 scalars: the output pixel whose
+    centre is (X, Y) (PIL's coordinates: pixel (x, y) covers [x, x + 1) x [y, y + 1)) takes the input pixel
     containing (a X + b Y + c, d X + e Y + f). amount: the signed radians, shear factor or pixels."""
-    zero = tf.zeros_like(amount)
-    one = tf.ones_like(amount)
     if name == "Rotate":
         cos, sin = tf.cos(amount), tf.sin(amount)
         centre_x, centre_y = width / 2.0, height / 2.0
         return [cos, -sin, centre_x - cos * centre_x + sin * centre_y,
                 sin, cos, centre_y - sin * centre_x - cos * centre_y]
-    if name == "ShearX":
-        return [one, amount, zero, zero, one, zero]
-    if name == "ShearY":
-        return [one, zero, zero, amount, one, zero]
-    if name == "TranslateX":
-        return [one, zero, amount, zero, one, zero]
-    return [one, zero, zero, zero, one, amount]
-
-
-def _pil_fixed_point(value):
-    return tf.floor(value * 65536.0 + 0.5) / 65536.0
+    return {"ShearX": [1.0, amount, 0.0, 0.0, 1.0, 0.0], "ShearY": [1.0, 0.0, 0.0, amount, 1.0, 0.0],
+            "TranslateX": [1.0, 0.0, amount, 0.0, 1.0, 0.0], "TranslateY": [1.0, 0.0, 0.0, 0.0, 1.0, amount]}[name]
 
 
 def _kernel_row(data):
@@ -270,11 +261,10 @@ def _kernel_row(data):
     (a shear at some levels puts whole rows exactly between two pixels) go PIL's way. (PIL computes pure
     translations in double: the rounding changes them only for offsets within 2**-17 pixels of a pixel edge.)"""
     a, b, c, d, e, f = data
-    row = [_pil_fixed_point(v) for v in (a, b, c + (a + b) / 2.0, d, e, f + (d + e) / 2.0)]
-    row[2] += 0.5
-    row[5] += 0.5
-    zero = tf.zeros_like(a)
-    return tf.cast(tf.stack(row + [zero, zero])[tf.newaxis], tf.float32)
+    pil = tf.cast(tf.stack([a, b, c + (a + b) / 2.0, d, e, f + (d + e) / 2.0]), tf.float64)
+    fixed_point = tf.floor(pil * 65536.0 + 0.5) / 65536.0
+    row = fixed_point + tf.constant([0.0, 0.0, 0.5, 0.0, 0.0, 0.5], tf.float64)
+    return tf.cast(tf.concat([row, tf.zeros([2], tf.float64)], 0)[tf.newaxis], tf.float32)
 
 
 def _projective_transform(images, transforms, output_shape):
@@ -328,6 +318,7 @@ def _cutout(image, level, seed, constants):
 # --------------------------------------------------------------------------- one op
 
 
+@_plain_graph
 def apply_op(image, name, level, sign=1.0, seed=None, constants="randaugment"):
     """The op `name` of OPS at `level` on a uint8 [H, W, 3] image of any size -> uint8, same shape.
 
@@ -361,18 +352,21 @@ def _sub_seed(seed, k):
     return seed + tf.constant([k, 0], seed.dtype)
 
 
+@_plain_graph
 def subpolicy_index(seed):
     """int32 scalar: the AutoAugment sub-policy (index into AUTOAUGMENT_V0) drawn for seed."""
     return tf.random.stateless_uniform([], _sub_seed(seed, CHOICE_KEY), minval=0,
                                        maxval=len(AUTOAUGMENT_V0), dtype=tf.int32)
 
 
+@_plain_graph
 def randaugment_op_indices(seed, num_layers):
     """int32 [num_layers]: the RandAugment ops (indices into OPS) drawn for seed."""
     return tf.random.stateless_uniform([num_layers], _sub_seed(seed, CHOICE_KEY), minval=0,
                                        maxval=len(OPS), dtype=tf.int32)
 
 
+@_plain_graph
 def step_draws(seed, step):
     """(float32 uniform deciding whether step `step` applies, its sign +1.0 or -1.0, its op's seed)."""
     draws = tf.random.stateless_uniform([2], _sub_seed(seed, STEP_KEY + 2 * step))
@@ -397,6 +391,7 @@ def _autoaugment_step(image, seed, subpolicy, step):
     return tf.switch_case(branch, branches + [lambda: image])
 
 
+@_plain_graph
 def autoaugment(image, seed):
     """AutoAugment policy v0: one of the 25 sub-policies drawn per image, each of its two steps applied with
     its probability, at its level, with a random sign (all from the stateless seed)."""
@@ -408,6 +403,7 @@ def autoaugment(image, seed):
     return out
 
 
+@_plain_graph
 def randaugment(image, seed, num_layers=2, magnitude=10.0):
     """RandAugment: num_layers ops drawn uniformly from OPS (independently), each applied at `magnitude` with a
     random sign (all from the stateless seed)."""
@@ -422,6 +418,7 @@ def randaugment(image, seed, num_layers=2, magnitude=10.0):
     return out
 
 
+@_plain_graph
 def augment(image, policy, seed, num_layers=2, magnitude=10.0):
     """uint8 [H, W, 3] image through the policy of POLICIES; "none" returns it unchanged."""
     if policy == "none":
