@@ -8,7 +8,8 @@ SolarizeAdd int(level/10*110) added below 128, Cutout half-size int(level/10*cut
 Contrast, Brightness, Sharpness blended with the factor level/10*1.8 + 0.1. `constants` picks the pixel
 constants: "autoaugment" (cutout 100, translate 250) or "randaugment" (cutout 40, translate 100).
 
-Every op is PIL's (the library the policies were designed with), pixel for pixel:
+Every op but SolarizeAdd and Cutout (the reference's own) is PIL's, the library the policies were
+designed with, pixel for pixel:
 - Invert, Posterize, Solarize, AutoContrast, Equalize are PIL.ImageOps' functions (per channel).
   Posterize keeps at least 1 bit: at levels below 2.5 (0 bits) TF clamps the reference's shift by 8 to a
   shift by 7, and current Pillow refuses 0 bits (older Pillow turns the image black).
@@ -168,7 +169,7 @@ def _equalize_tables(image):
     last = tf.reduce_max(tf.compat.v1.where_v2(histograms > 0, bins, -1), axis=1, keepdims=True)
     last_count = tf.reduce_sum(tf.compat.v1.where_v2(tf.equal(bins, last), histograms, 0), axis=1,
                                keepdims=True)
-    # PIL's step; 0 when a channel has a single value (then left unchanged).
+    # PIL's step: 0 (channel left unchanged) when fewer than 255 pixels lie below the channel's top value.
     step = (tf.reduce_sum(histograms, axis=1, keepdims=True) - last_count) // 255
     below = tf.cumsum(histograms, axis=1, exclusive=True)
     equalized = tf.minimum((step // 2 + below) // tf.maximum(step, 1), 255)
@@ -198,10 +199,10 @@ def _black(image):
 
 def _smooth(image):
     """PIL's ImageFilter.SMOOTH ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded) inside, border kept."""
-    pixels = tf.cast(image, tf.float32)
     weights = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32)[:, :, tf.newaxis, tf.newaxis]
     # Sums of integers below 2 ** 24: exact in float32.
-    total = tf.nn.depthwise_conv2d(pixels[tf.newaxis], tf.tile(weights, [1, 1, 3, 1]), [1, 1, 1, 1], "VALID")[0]
+    total = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[tf.newaxis], tf.tile(weights, [1, 1, 3, 1]),
+                                   [1, 1, 1, 1], "VALID")[0]
     inside = (2 * tf.cast(total, tf.int32) + 13) // 26
     pixels = tf.cast(image, tf.int32)
     return pixels + tf.pad(inside - pixels[1:-1, 1:-1], [[1, 1], [1, 1], [0, 0]])
