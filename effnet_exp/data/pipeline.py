@@ -73,13 +73,22 @@ def _ignore_errors(dataset):
     return dataset.apply(tf.data.experimental.ignore_errors())
 
 
+def _plain(fn):
+    """fn for tf.data as it is written: plain graph code, its control flow tf.cond / tf.switch_case. AutoGraph's
+    conversion (tf.data's default) of it and of everything it calls took most of a training pipeline's build:
+    about 18 s of 20 on TF 1.15, 7 s of 8.5 on TF 2.21."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _scan(dataset, initial_state, fn):
+    fn = _plain(fn)
     if hasattr(dataset, "scan"):
         return dataset.scan(initial_state, fn)
     return dataset.apply(tf.data.experimental.scan(initial_state, fn))
 
 
 def _ordered_map(dataset, fn, num_parallel_calls):
+    fn = _plain(fn)
     if _TF1:
         return dataset.map(fn, num_parallel_calls=num_parallel_calls)
     return dataset.map(fn, num_parallel_calls=num_parallel_calls, deterministic=True)
@@ -182,7 +191,7 @@ def build_dataset(source, ds_cfg, *, is_training, batch_size, image_size, normal
         # Static shapes: [B, S, S, 3] when training (drop_remainder), [None, S, S, 3] for evaluation.
         return tf.reshape(images, [batch_size if is_training else -1, image_size, image_size, 3]), labels
 
-    dataset = dataset.map(static_shape)
+    dataset = dataset.map(_plain(static_shape))
     if ds_cfg.prefetch != 0:
         dataset = dataset.prefetch(_autotune(ds_cfg.prefetch))
     return _apply_options(dataset, ds_cfg)
@@ -221,7 +230,7 @@ def _epochs(per_epoch, start_epoch, offset, skip=None):
                                    tf.constant(0, tf.int64))
         return skip(dataset, count) if skip else dataset.skip(count)
 
-    return tf.data.Dataset.range(int(start_epoch), 2 ** 62).flat_map(epoch_elements)
+    return tf.data.Dataset.range(int(start_epoch), 2 ** 62).flat_map(_plain(epoch_elements))
 
 
 def _skip_records(dataset, count):
@@ -233,8 +242,8 @@ def _skip_records(dataset, count):
         return seen, (tf.logical_and(is_record, seen <= count),) + tuple(element)
 
     dataset = _scan(dataset, tf.constant(0, tf.int64), number)
-    dataset = dataset.filter(lambda skipped, *element: tf.logical_not(skipped))
-    return dataset.map(lambda skipped, *element: tuple(element))
+    dataset = dataset.filter(_plain(lambda skipped, *element: tf.logical_not(skipped)))
+    return dataset.map(_plain(lambda skipped, *element: tuple(element)))
 
 
 def _start(position, epoch_size):
@@ -261,7 +270,7 @@ def _record_elements(files, cfg, is_training, seed, num_shards, shard_index, sta
     sizes_t = tf.constant(sizes, tf.int64)
 
     def records(file_dataset):
-        dataset = file_dataset.interleave(lambda path, size: _read_checked(path, size, buffer_bytes),
+        dataset = file_dataset.interleave(_plain(lambda path, size: _read_checked(path, size, buffer_bytes)),
                                           cycle_length=cycle_length, block_length=1,
                                           num_parallel_calls=_autotune(-1))
         if record_level:
@@ -294,8 +303,8 @@ def _record_elements(files, cfg, is_training, seed, num_shards, shard_index, sta
 def _log_policy(cfg, image_size):
     policy = AugmentPolicy(cfg.augment)
     if policy == AugmentPolicy.randaugment:
-        log.info("training images augmented by randaugment: %d ops per image at magnitude %g (pixel constants x %d/224)",
-                 cfg.randaugment.num_layers, cfg.randaugment.magnitude, image_size)
+        log.info("training images augmented by randaugment: %d ops per image at magnitude %g "
+                 "(pixel constants x %d/224)", cfg.randaugment.num_layers, cfg.randaugment.magnitude, image_size)
     elif policy == AugmentPolicy.autoaugment:
         log.info("training images augmented by autoaugment (policy v0; pixel constants x %d/224)", image_size)
 
@@ -319,7 +328,7 @@ def _folder_elements(items, is_training, seed, num_shards, shard_index, start_po
         return path, tf.constant(-1, tf.int64), tf.constant("", tf.string), label, tf.constant(FILE, tf.int32)
 
     if not is_training:
-        return tf.data.Dataset.from_tensor_slices((paths, labels)).map(element)
+        return tf.data.Dataset.from_tensor_slices((paths, labels)).map(_plain(element))
     seed = _stream_seed(seed)
 
     def epoch_items(epoch):
@@ -330,7 +339,7 @@ def _folder_elements(items, is_training, seed, num_shards, shard_index, start_po
     epoch, offset = _start(start_position, len(items))
     if start_position:
         log.info("input resumes at epoch %d, image %d of %d", epoch, offset, len(items))
-    return _epochs(epoch_items, epoch, offset).map(element)
+    return _epochs(epoch_items, epoch, offset).map(_plain(element))
 
 
 # The evaluation stream's terminal record: a 32x32 grey JPEG (tf.io.encode_jpeg, quality 50), decoded like any
@@ -373,7 +382,7 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
     if records:
         # A file read to its end has nothing to decode. (A broken file's marker stays: it fails in the map, and
         # so counts as a bad record.)
-        dataset = dataset.filter(lambda path, index, payload, kind: tf.not_equal(kind, END_OK))
+        dataset = dataset.filter(_plain(lambda path, index, payload, kind: tf.not_equal(kind, END_OK)))
     if not is_training:
         # Comes out of the map whatever happened before it: a bad last record is seen too. In TFRecords it is a
         # real (tiny) record, so that the map needs no tf.cond around the decoding: that cond costs more CPU per
@@ -461,6 +470,6 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
     dataset = _scan(dataset, start, number)
     dataset = _ignore_errors(_ordered_map(dataset, decode, num_parallel_calls))
     dataset = _scan(dataset, tf.constant(-1, tf.int64), gaps)
-    dataset = dataset.filter(keep)
-    return dataset.map(lambda seq, prev_path, prev_index, prev_kind, path, index, kind, image, label, missing:
-                       (image, label))
+    dataset = dataset.filter(_plain(keep))
+    return dataset.map(_plain(
+        lambda seq, prev_path, prev_index, prev_kind, path, index, kind, image, label, missing: (image, label)))
