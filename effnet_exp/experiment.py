@@ -52,17 +52,36 @@ def run(spec):
 
 
 def _train(spec):
-    """The final eval top-1; mode=train gives the last train.eval_every evaluation's, or NaN without one."""
+    """The final eval top-1: after an early stop, the best checkpoint's (either mode); else mode=train gives the last
+    train.eval_every evaluation's, or NaN without one."""
     evaluator = Evaluator(spec) if spec.evaluates else None
     with interrupts.phase("training"):
         trained = Trainer(spec, evaluate=evaluator.evaluate if evaluator else None).train()
     result = (trained.get("last_eval") or {}).get("top1")
-    if spec.cfg.mode == Mode.train_eval and evaluator:
+    if evaluator and (trained.get("early_stop") or spec.cfg.mode == Mode.train_eval):
         with interrupts.phase("evaluating"):
-            result = (trained.get("eval") or evaluator.evaluate(trained["checkpoint"]))["top1"]
-        print("eval top1 {:.4f}".format(result))
+            final = _final_evaluation(spec, evaluator, trained)
+        result = final["top1"]
+        print("eval top1 {:.4f}{}".format(result, _best_note(final)))
     update_curves(spec.own_dir)  # the final curves.png, with the final evaluation
     return float(result) if result is not None else float("nan")
+
+
+def _final_evaluation(spec, evaluator, trained):
+    """eval.json: the best checkpoint after an early stop (it says so), else the last one."""
+    stop = trained.get("early_stop")
+    if not stop:
+        return trained.get("eval") or evaluator.evaluate(trained["checkpoint"])
+    log.info("final evaluation of the best checkpoint, %s (stopped early at step %d)", stop["best_checkpoint"],
+             stop["step"])
+    return evaluator.evaluate(os.path.join(spec.run_dir, stop["best_checkpoint"]),
+                              note={"best_checkpoint": True, "early_stop": stop})
+
+
+def _best_note(final):
+    stop = final.get("early_stop")
+    return " (the best checkpoint, step {}; stopped early at step {})".format(final["step"], stop["step"]) \
+        if stop else ""
 
 
 def _evaluate(spec):

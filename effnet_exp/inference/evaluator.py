@@ -40,7 +40,8 @@ class Evaluator(object):
                   "loss_sum": tf.reduce_sum(tf.cast(losses, tf.float64))}
         return iterator, counts, model
 
-    def evaluate(self, checkpoint):
+    def evaluate(self, checkpoint, note=None):
+        """Top-1 / top-5 of checkpoint, written to eval.json with note's keys (what this evaluation is) added."""
         graph = tf.Graph()
         interrupts.fault_point("building")
         with graph.as_default():
@@ -63,6 +64,7 @@ class Evaluator(object):
                         totals[k] += v
                     interrupts.fault_point("evaluating")
         result = self._result(checkpoint, totals, skipped_records(graph), model.plan, time.time() - started)
+        result.update(note or {})
         self._write(result)
         log.info("eval of %s (%s weights): top1 %.4f top5 %.4f over %d images", checkpoint, result["weights"],
                  result["top1"], result["top5"], result["num_images"])

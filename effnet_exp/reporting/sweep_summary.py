@@ -2,8 +2,8 @@
 
 Per job folder (any folder under the sweep holding `.hydra/overrides.yaml` or `status.json`):
 `.hydra/overrides.yaml` (the job's overrides), `status.json` (running / completed / failed + the error's
-first line, wall time), `eval.json` (final top-1/top-5, step), `metrics.jsonl` (images/s, eval_top1 records,
-loss curve). So the report can be rebuilt at any time: `python -m effnet_exp.tools.summarize DIR`.
+first line, wall time), `eval.json` (final top-1/top-5, step, an early stop), `metrics.jsonl` (images/s,
+eval_top1 records, loss curve). So the report can be rebuilt at any time: `python -m effnet_exp.tools.summarize DIR`.
 """
 import csv
 import io
@@ -20,8 +20,8 @@ from effnet_exp.reporting.plots import draw_sweep
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG = "summary.csv", "summary.md", "summary.png"
-COLUMNS = ("job", "overrides", "status", "error", "top1", "top5", "best_top1", "steps", "images_per_sec",
-           "wall_sec", "folder")
+COLUMNS = ("job", "overrides", "status", "error", "top1", "top5", "best_top1", "steps", "stopped_early",
+           "images_per_sec", "wall_sec", "folder")
 _SKIP = {run_folder.HYDRA_DIR, ".submitit", run_folder.CHECKPOINT_DIR, run_folder.TENSORBOARD, run_folder.EXPORT_DIR}
 
 
@@ -83,7 +83,9 @@ def job_row(sweep_dir, job_dir):
     if job is None:
         job = int(folder) if folder.isdigit() else folder
     top1s = [v for _, v in points if v is not None]
-    steps = final.get("step")
+    # After an early stop eval.json is the best checkpoint's (an earlier step); the job trained up to the stop.
+    stop = final.get("early_stop") or {}
+    steps = stop.get("step", final.get("step"))
     if steps is None and train:
         steps = train[-1]["step"]
     wall = status.get("wall_sec")
@@ -91,7 +93,7 @@ def job_row(sweep_dir, job_dir):
         wall = train[-1].get("elapsed_sec")
     row = {"job": job, "overrides": _overrides(job_dir, status), "status": state,
            "error": status.get("error") or "", "top1": final.get("top1"), "top5": final.get("top5"),
-           "best_top1": max(top1s) if top1s else None, "steps": steps,
+           "best_top1": max(top1s) if top1s else None, "steps": steps, "stopped_early": stop.get("step"),
            "images_per_sec": _mean_images_per_sec(train), "wall_sec": wall, "folder": folder}
     return row, (train, points)
 
@@ -152,6 +154,8 @@ def _cell(text):
 def _status_cell(row):
     if row["status"] == FAILED:
         return "failed: " + row["error"]
+    if row["stopped_early"] is not None:
+        return "{}, stopped early at step {}".format(row["status"], row["stopped_early"])
     return row["status"]
 
 
@@ -164,6 +168,9 @@ def _md_text(report):
              "{} job(s): {}. Sorted by final eval top-1; `best top-1` is the best periodic or final "
              "evaluation.".format(len(rows), ", ".join("{} {}".format(n, s) for s, n in sorted(counts.items())))
              if rows else "No job folders found.", ""]
+    if any(row["stopped_early"] is not None for row in rows):
+        lines += ["A job that stopped early (`train.early_stopping`) has the top-1 of its best checkpoint and, as "
+                  "`steps`, the step it stopped at.", ""]
     if report.common:
         lines += ["Overrides of every job: `{}`; the table shows the others.".format(" ".join(report.common)), ""]
     header = ("job", "overrides", "status", "top-1", "top-5", "best top-1", "steps", "images/s", "wall time (s)",

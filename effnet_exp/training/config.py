@@ -61,6 +61,15 @@ BALANCED = "balanced"
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """train.early_stopping: stop when eval top-1 (every train.eval_every steps) has not improved by more than
+    min_delta over the best so far for `patience` evaluations in a row (effnet_exp/training/early_stopping.py)."""
+    # Evaluations without such an improvement before training stops; null or 0: never stop early.
+    patience: Optional[int] = None
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 50
     # train.steps wins over train.epochs when both are set.
@@ -73,6 +82,7 @@ class TrainConfig:
     keep_checkpoint_max: int = 5
     # Evaluate every N steps; the best checkpoint by eval top-1 is kept in checkpoints/best/.
     eval_every: Optional[int] = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # A NaN/Inf loss: "stop" at once, or "skip" the update and stop after max_nonfinite_steps in a row.
     nonfinite_policy: NonFinitePolicy = NonFinitePolicy.stop
     max_nonfinite_steps: int = 5
@@ -146,6 +156,7 @@ def check_train(cfg):
             raise UserError("train.{}={} must be at least 1".format(key, value))
     if cfg.checkpoint_every < 0 or (cfg.eval_every or 0) < 0:
         raise UserError("train.checkpoint_every and train.eval_every must be >= 0 (0: off)")
+    check_early_stopping(cfg.early_stopping, cfg.eval_every)
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError("train.label_smoothing={} must be in [0, 1)".format(cfg.label_smoothing))
     if cfg.weight_decay < 0:
@@ -176,6 +187,16 @@ def class_weights_setting(value):
 
 def _is_weight(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
+def check_early_stopping(cfg, eval_every):
+    if (cfg.patience or 0) < 0:
+        raise UserError("train.early_stopping.patience={} must be >= 0 (null or 0: off)".format(cfg.patience))
+    if cfg.min_delta < 0:
+        raise UserError("train.early_stopping.min_delta={} must be >= 0".format(cfg.min_delta))
+    if cfg.patience and not eval_every:
+        raise UserError("train.early_stopping.patience={} needs train.eval_every=N (it counts those "
+                        "evaluations); train.eval_every={}".format(cfg.patience, eval_every))
 
 
 def check_eval(cfg):

@@ -15,6 +15,7 @@ from effnet_exp.model.restore import WeightsPlan, model_variables
 from effnet_exp.reporting.curves import update_curves
 from effnet_exp.training.checkpoints import BestCheckpoint, save_checkpoint
 from effnet_exp.training.config import NonFinitePolicy
+from effnet_exp.training.early_stopping import ChiefEvaluations, EarlyStopping, best_record
 from effnet_exp.training.step import build_train_step
 from effnet_exp.training.summaries import NoSummaries, write_scalars
 
@@ -34,8 +35,12 @@ class Trainer(object):
         self.evaluate = evaluate
 
     def train(self):
-        """Runs to the step total; returns the last metrics with the final checkpoint prefix."""
+        """Runs to the step total or an early stop; returns the last metrics with the final checkpoint prefix (and
+        "early_stop": the stop's metrics record)."""
         spec, cfg = self.spec, self.spec.cfg
+        stopping = self._early_stopping()
+        if stopping.stopped:
+            return self._stopped_already(stopping)
         graph = tf.Graph()
         interrupts.fault_point("building")
         with graph.as_default():
@@ -61,7 +66,7 @@ class Trainer(object):
                 sess.run(iterator_init)
                 # A signal is taken between steps, so that the checkpoint it leaves is of a whole step.
                 with interrupts.deferred(), data_errors(cfg.dataset):
-                    loop = _Loop(self, sess, saver, writer, step, overflow_steps)
+                    loop = _Loop(self, sess, saver, writer, step, overflow_steps, stopping)
                     result = loop.run(int(sess.run(global_step)))
                 replicas.report_copies(sess, result["step"])  # under a strategy: do the replicas agree?
                 if skipped_records(graph):
@@ -69,6 +74,22 @@ class Trainer(object):
                 return result
         finally:
             writer.close()
+
+    def _early_stopping(self):
+        """train.early_stopping's state at the start: the chief's evaluations up to the step resumed from."""
+        stopping = EarlyStopping(self.spec.cfg.train.early_stopping)
+        if not stopping.enabled:
+            return stopping
+        records = run_folder.read_metrics(run_folder.metrics_path(self.spec.run_dir))
+        return stopping.replay(records, self.spec.resume_step)
+
+    def _stopped_already(self, stopping):
+        """A resumed run whose evaluations already meet the early-stopping rule trains no further."""
+        spec = self.spec
+        record = stopping.record(spec.resume_step, best_record(spec.run_dir))
+        log.info("this run already stopped early at step %d: %s; nothing more to train (resume with a larger "
+                 "train.early_stopping.patience, or 0, to train on)", spec.resume_step, record["reason"])
+        return {"step": spec.resume_step, "checkpoint": spec.resume_checkpoint, "early_stop": record}
 
     def _dataset(self):
         """This process's input stream, resumed right after the records its checkpoint has seen."""
@@ -148,9 +169,10 @@ class NonFiniteWatch(object):
 
 
 class _Loop(object):
-    """The step loop's state: metrics since the last log line, checkpoint times, the non-finite watch."""
+    """The step loop's state: metrics since the last log line, checkpoint times, the non-finite watch, early
+    stopping."""
 
-    def __init__(self, trainer, sess, saver, writer, step, overflow_steps):
+    def __init__(self, trainer, sess, saver, writer, step, overflow_steps, stopping):
         spec = trainer.spec
         self.spec = spec
         self.cfg = spec.cfg.train
@@ -160,6 +182,10 @@ class _Loop(object):
         self.writer = writer
         self.step = step
         self.watch = NonFiniteWatch(self.cfg, overflow_steps)
+        self.stopping = stopping
+        # The other processes do not evaluate: they take each evaluation's result from the chief's records.
+        self.chief_evals = ChiefEvaluations(run_folder.metrics_path(spec.run_dir)) \
+            if stopping.enabled and not spec.placement.chief else None
         self.prefix = run_folder.checkpoint_prefix(spec.run_dir)
         self.checkpoint = spec.resume_checkpoint
         self.best = BestCheckpoint(run_folder.checkpoint_dir(spec.run_dir))
@@ -168,6 +194,7 @@ class _Loop(object):
         self.lr = None
         self.last = {}
         self.last_eval = None
+        self.early_stop = None
 
     def run(self, step):
         spec, cfg, total = self.spec, self.cfg, self.spec.total_steps
@@ -179,6 +206,8 @@ class _Loop(object):
         if dropped:
             log.info("dropped %d metrics record(s) after step %d: those steps run again", dropped, step)
         self.last = {"step": step}
+        if self.stopping.enabled:
+            log.info("early stopping: %s", self.stopping.describe())
         while step < total:
             _, loss, top1, monitors = self.sess.run(self.step.fetches())
             step += self.step.steps_per_run
@@ -191,8 +220,9 @@ class _Loop(object):
                 self._log(step)
             if self._checkpoint_due(step):
                 self._save(step)
-            if cfg.eval_every and self.evaluate and step % cfg.eval_every == 0:
-                self._evaluate(step)
+            if self._evaluation_due(step) and self.stopping.note(self._eval_top1(step)):
+                self._stop_early(step)
+                break
             if interrupts.requested():
                 self._stop(step)
         self._save(step)
@@ -200,6 +230,7 @@ class _Loop(object):
             self._stop(step)
         self.last["checkpoint"] = self.checkpoint
         self.last["last_eval"] = self.last_eval
+        self.last["early_stop"] = self.early_stop
         if self.last_eval and self.last_eval["checkpoint"] == os.path.abspath(self.checkpoint):
             self.last["eval"] = self.last_eval  # the final checkpoint is already evaluated
         return self.last
@@ -244,6 +275,21 @@ class _Loop(object):
         self.checkpoint = save_checkpoint(self.saver, self.sess, self.prefix, step, self.checkpoint)
         self.saved_time = time.time()
 
+    def _evaluation_due(self, step):
+        cfg = self.cfg
+        return bool(cfg.eval_every) and step % cfg.eval_every == 0 and bool(self.evaluate or self.chief_evals)
+
+    def _eval_top1(self, step):
+        return self._evaluate(step)["top1"] if self.evaluate else self._chief_top1(step)
+
+    def _chief_top1(self, step):
+        """The chief's eval top-1 at this step (another process waits for it, to decide an early stop alike)."""
+        top1 = self.chief_evals.wait(step, interrupts.requested)
+        if top1 is None:
+            self._stop(step)
+        log.info("step %d eval top1 %.4f (the chief's)", step, top1)
+        return top1
+
     def _evaluate(self, step):
         self._save(step)
         try:
@@ -259,6 +305,18 @@ class _Loop(object):
         log.info("step %d eval top1 %.4f top5 %.4f%s", step, result["top1"], result["top5"],
                  " (best so far, kept in checkpoints/best)" if is_best else "")
         update_curves(self.spec.own_dir)  # curves.png with this evaluation
+        return result
+
+    def _stop_early(self, step):
+        """The last checkpoint is this step's (saved for the evaluation); the record says why and which is best."""
+        if self.losses:
+            self._log(step)
+        self._save(step)
+        self.early_stop = self.stopping.record(step, best_record(self.spec.run_dir))
+        self._write_metrics(self.early_stop)
+        log.info("stopped early at step %d of %d: %s; the best checkpoint is step %d's (eval top1 %.4f), %s", step,
+                 self.spec.total_steps, self.early_stop["reason"], self.early_stop["best_step"],
+                 self.early_stop["best_eval_top1"], self.early_stop["best_checkpoint"])
 
     def _stop(self, step):
         if self.losses:
