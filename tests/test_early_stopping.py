@@ -132,9 +132,11 @@ def test_off_needs_no_eval_every():
 
 # --- real runs ---------------------------------------------------------------------------------------------------
 
-# 6 steps, evaluated every 2; checkpoints only where an evaluation or the end needs one.
+# 6 steps, evaluated every 2; checkpoints only where an evaluation or the end needs one. CutMix on, too: issue 18's
+# train.cutmix_alpha=1.0 end to end (with lr=0 it changes no weight, so the stop steps stay as designed).
 CONSTANT = [a for a in TINY if not a.startswith(("train.steps=", "train.checkpoint_every="))] + [
-    "train.steps=6", "train.eval_every=2", "train.checkpoint_every=100", "optimizer.lr=0", "train.freeze_bn=true"]
+    "train.steps=6", "train.eval_every=2", "train.checkpoint_every=100", "optimizer.lr=0", "train.freeze_bn=true",
+    "train.cutmix_alpha=1.0"]
 STOP_STEP = 4  # patience 1: the evaluation at step 2 is the best, the one at step 4 does not improve on it
 
 
@@ -183,6 +185,7 @@ def test_a_job_without_improvement_stops_after_patience_evaluations(sweep):
     log_text = (job / "run.log").read_text()
     assert "stopped early at step 4 of 6: no eval top-1 improvement > 0" in log_text
     assert "the best checkpoint is step 2's (eval top1 {:.4f})".format(best_top1) in log_text
+    assert "mixing each replica's batch with itself reversed: CutMix with lambda ~ Beta(1, 1)" in log_text
     # mode=train evaluated the best checkpoint once more for eval.json, and returned its top-1 to the sweeper.
     best = read_json(job / "checkpoints" / "best" / "best.json")
     final = read_json(job / "eval.json")
