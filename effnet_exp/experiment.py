@@ -63,7 +63,7 @@ def _train(spec):
         with interrupts.phase("evaluating"):
             final = _final_evaluation(spec, evaluator, trained)
         result = final["top1"]
-        print("eval top1 {:.4f}{}".format(result, _best_note(final)))
+        print(_eval_line(final) + _best_note(final))
     update_curves(spec.own_dir)  # the final curves.png, with the final evaluation
     return float(result) if result is not None else float("nan")
 
@@ -79,6 +79,12 @@ def _final_evaluation(spec, evaluator, trained):
                               note={"best_checkpoint": True, "early_stop": stop})
 
 
+def _eval_line(result):
+    """An evaluation on the console: top-1 with its bootstrap 95% interval, and the balanced accuracy."""
+    return "eval top1 {:.4f} [95% CI {:.4f}, {:.4f}] balanced accuracy {:.4f}".format(
+        result["top1"], result["top1_ci95"][0], result["top1_ci95"][1], result["balanced_accuracy"])
+
+
 def _best_note(final):
     stop = final.get("early_stop")
     return " (the best checkpoint, step {}; stopped early at step {})".format(final["step"], stop["step"]) \
@@ -87,9 +93,9 @@ def _best_note(final):
 
 def _evaluate(spec):
     with interrupts.phase("evaluating"):
-        result = Evaluator(spec).evaluate(spec.checkpoint)["top1"]
-    print("eval top1 {:.4f}".format(result))
-    return float(result)
+        result = Evaluator(spec).evaluate(spec.checkpoint)
+    print(_eval_line(result))
+    return float(result["top1"])
 
 
 def _predict(spec):

@@ -6,6 +6,8 @@
   run.log, metrics.jsonl, curves.png      log, one JSON line per logged step or evaluation, the curves
   labels.txt                              class names, one per line, in class-index order
   eval.json, predictions.json             results of the evaluation and of mode=predict
+  confusion.csv, predictions.jsonl        the evaluation's confusion matrix and (eval.save_predictions) per-image
+                                          results; confusion.png, reliability.png, mistakes.png its figures
   checkpoints/model.ckpt-N*, checkpoint   TensorFlow checkpoints and their state file (the chief writes them)
   checkpoints/best/                       the checkpoint with the best eval top-1 (train.eval_every)
   tensorboard/train, tensorboard/eval     TensorBoard events
@@ -32,6 +34,9 @@ METRICS = "metrics.jsonl"
 LABELS = "labels.txt"
 EVAL = "eval.json"
 PREDICTIONS = "predictions.json"
+CONFUSION_CSV = "confusion.csv"
+EVAL_PREDICTIONS = "predictions.jsonl"
+CONFUSION_PNG, RELIABILITY_PNG, MISTAKES_PNG = "confusion.png", "reliability.png", "mistakes.png"
 CURVES = "curves.png"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "model.ckpt"

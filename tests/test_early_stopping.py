@@ -263,6 +263,7 @@ def test_every_ascend_rank_stops_at_the_chiefs_step(tmp_path, cache_dir):
     assert "stopped early at step 4 of 6" in rank_log
     final = read_json(run_dir / "eval.json")
     assert final["best_checkpoint"] is True and final["step"] == 2
-    assert "eval top1 {:.4f} (the best checkpoint, step 2; stopped early at step 4)".format(final["top1"]) in \
-        (run_dir / "logs" / "rank_0.log").read_text()
+    assert "eval top1 {:.4f} [95% CI {:.4f}, {:.4f}] balanced accuracy {:.4f} (the best checkpoint, step 2; " \
+        "stopped early at step 4)".format(final["top1"], final["top1_ci95"][0], final["top1_ci95"][1],
+                                          final["balanced_accuracy"]) in (run_dir / "logs" / "rank_0.log").read_text()
     assert not (run_dir / "rank_1" / "eval.json").exists()

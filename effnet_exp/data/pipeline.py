@@ -145,8 +145,10 @@ def _apply_options(dataset, cfg):
 
 
 def build_dataset(source, ds_cfg, *, is_training, batch_size, image_size, normalization, seed=None,
-                  start_position=0, num_shards=1, shard_index=0):
-    """tf.data.Dataset of (images float32 [B, S, S, 3] normalised, labels int32 [B]).
+                  start_position=0, num_shards=1, shard_index=0, with_sources=False):
+    """tf.data.Dataset of (images float32 [B, S, S, 3] normalised, labels int32 [B]); with_sources, of (images,
+    labels, sources string [B]): where each image came from, its file path (an image folder) or
+    "<TFRecord file>:<record index in it>".
 
     source: the DataSource that `resolve_data_source` returned; is_training picks its train or eval
     files (or its (path, label) lists for an image folder). ds_cfg: the DatasetConfig (augmentation,
@@ -182,14 +184,15 @@ def build_dataset(source, ds_cfg, *, is_training, batch_size, image_size, normal
     else:
         dataset = _folder_elements(listed, is_training, seed, num_shards, shard_index, start_position)
     dataset = _decode_checked(dataset, ds_cfg, image_size, is_training, seed, normalization, num_classes,
-                              records=records, first_element=start_position)
+                              records=records, first_element=start_position, with_sources=with_sources)
     if not is_training and ds_cfg.cache_eval:
         dataset = dataset.cache()
     dataset = dataset.batch(batch_size, drop_remainder=bool(is_training))
 
-    def static_shape(images, labels):
+    def static_shape(images, labels, *sources):
         # Static shapes: [B, S, S, 3] when training (drop_remainder), [None, S, S, 3] for evaluation.
-        return tf.reshape(images, [batch_size if is_training else -1, image_size, image_size, 3]), labels
+        images = tf.reshape(images, [batch_size if is_training else -1, image_size, image_size, 3])
+        return (images, labels) + sources
 
     dataset = dataset.map(_plain(static_shape))
     if ds_cfg.prefetch != 0:
@@ -363,10 +366,11 @@ def _terminal_record(cfg):
 
 
 def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, num_classes, records,
-                    first_element=0):
+                    first_element=0, with_sources=False):
     """Elements -> (image [?, ?, 3] normalised, label), with bad records reported or skipped (see the
-    module docstring). records: elements (path, index, payload, kind) of TFRecord files (the label is
-    parsed from the payload); else (path, index, payload, label, kind) of image files.
+    module docstring); with_sources -> (image, label, source) (see build_dataset). records: elements (path,
+    index, payload, kind) of TFRecord files (the label is parsed from the payload); else (path, index, payload,
+    label, kind) of image files.
 
     Training augmentation draws from the stateless seed (seed, image number), images numbered from
     first_element (a resumed stream's start_position): an image's crop and flip depend neither on the
@@ -471,5 +475,11 @@ def _decode_checked(dataset, cfg, image_size, is_training, seed, normalization, 
     dataset = _ignore_errors(_ordered_map(dataset, decode, num_parallel_calls))
     dataset = _scan(dataset, tf.constant(-1, tf.int64), gaps)
     dataset = dataset.filter(_plain(keep))
-    return dataset.map(_plain(
-        lambda seq, prev_path, prev_index, prev_kind, path, index, kind, image, label, missing: (image, label)))
+
+    def output(seq, prev_path, prev_index, prev_kind, path, index, kind, image, label, missing):
+        if not with_sources:
+            return image, label
+        source = tf.strings.join([path, tf.strings.as_string(index)], separator=":") if records else path
+        return image, label, source
+
+    return dataset.map(_plain(output))

@@ -308,6 +308,14 @@ def normalization_constants(mode):
     return _NORMALIZATION_CONSTANTS[Normalization(mode)]
 
 
+def pixels(images, mode):
+    """uint8 images (NumPy) of normalised float images: the inverse of `normalize(images, mode)`, rounded and
+    clipped to 0-255 (what the model saw, for a person to look at)."""
+    mean, std = normalization_constants(mode)
+    restored = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.round(restored), 0, 255).astype(np.uint8)
+
+
 def normalize(images, mode, rows=True):
     """Scale float images on the 0-255 scale by the Normalization mode (or its value): imagenet (mean/std
     per channel), unit (/255) or lite ((x - 127) / 128, what the EfficientNet-Lite weights expect).

@@ -1,53 +1,120 @@
-"""Top-1 / top-5 over the whole validation set, every image exactly once; writes eval.json."""
+"""An evaluation: every validation image exactly once. Per batch the graph gives each image's label, top-5 classes
+and probabilities and its true class's probability (small arrays kept in NumPy), plus the images of the few
+candidates for mistakes.png; eval.json's metrics are then computed from those arrays (eval_metrics) and written
+with the files beside it (eval_outputs)."""
 import logging
+import math
 import os
 import time
 
 import tensorflow as tf
 
-from effnet_exp import interrupts, run_folder
+from effnet_exp import interrupts
 from effnet_exp.data.diagnostics import data_errors, skipped_records
 from effnet_exp.data.pipeline import build_dataset
+from effnet_exp.data.preprocessing import pixels
 from effnet_exp.data.source import files_text
 from effnet_exp.devices.base import Purpose
 from effnet_exp.errors import UserError
+from effnet_exp.inference.eval_metrics import TOP_K, EvalAccumulator, evaluation_metrics
+from effnet_exp.inference.eval_outputs import write_outputs
+from effnet_exp.inference.mistakes import ConfidentMistakes
 from effnet_exp.model.restore import InferenceModel
 from effnet_exp.training.checkpoints import checkpoint_step
-from effnet_exp.training.metrics import cross_entropy, top_k_hits
-from effnet_exp.training.summaries import write_scalars
 
 log = logging.getLogger(__name__)
+
+
+def class_log_probabilities(images, model_cfg, checkpoint, use_ema, flip_tta=False):
+    """(InferenceModel, log-probabilities [B, C] of images). flip_tta: those of the mean of the softmax
+    probabilities of each image and of its horizontal mirror (the batch and its mirror go through the model
+    together)."""
+    if not flip_tta:
+        model = InferenceModel(images, model_cfg, checkpoint, use_ema)
+        return model, tf.nn.log_softmax(tf.cast(model.logits, tf.float32))
+    both = tf.concat([images, tf.reverse(images, axis=[2])], 0)
+    model = InferenceModel(both, model_cfg, checkpoint, use_ema)
+    own, mirrored = tf.split(tf.nn.log_softmax(tf.cast(model.logits, tf.float32)), 2, axis=0)
+    # log((p + q) / 2) in the log domain: exact where p and q underflow float32.
+    return model, tf.reduce_logsumexp(tf.stack([own, mirrored]), axis=0) - math.log(2.0)
+
+
+def _mistake_candidates(images, labels, top_index, top_probability, floor, limit):
+    """(positions in the batch, images) of at most `limit` wrong images more confident than floor."""
+    confidence = top_probability[:, 0]
+    candidate = tf.logical_and(tf.not_equal(top_index[:, 0], labels), tf.greater(confidence, floor))
+    score = tf.compat.v1.where(candidate, confidence, -tf.ones_like(confidence))
+    best, positions = tf.nn.top_k(score, k=tf.minimum(limit, tf.size(score)))
+    positions = tf.boolean_mask(positions, tf.greater_equal(best, 0.0))
+    return positions, tf.gather(images, positions)
+
+
+class _Collected(object):
+    """What the evaluation keeps of each batch: the per-image arrays, the loss, the sources, the mistakes."""
+
+    def __init__(self, mistakes, normalization):
+        self.arrays = EvalAccumulator()
+        self.mistakes = ConfidentMistakes(mistakes)
+        self.normalization = normalization
+        self.sources = []
+        self.loss_sum = 0.0
+        self.count = 0
+
+    def add(self, values):
+        self.arrays.add(values["labels"], values["top_index"], values["top_probability"],
+                        values["label_probability"])
+        self.loss_sum += float(values["loss_sum"])
+        self.sources.extend(s.decode("utf-8", "replace") for s in values.get("sources", ()))
+        if "mistakes" in values:
+            positions = values["mistakes"]
+            self.mistakes.add(self.count + positions, values["top_probability"][positions, 0],
+                              pixels(values["mistake_images"], self.normalization))
+        self.count += len(values["labels"])
 
 
 class Evaluator(object):
     def __init__(self, spec):
         self.spec = spec
+        num_classes = spec.model.num_classes
+        names = spec.class_names
+        self.class_names = list(names) if names and len(names) == num_classes else [str(i) for i in
+                                                                                      range(num_classes)]
+        if spec.cfg.eval.flip_tta:
+            log.info("eval.flip_tta=true: each eval image's probabilities are the mean of its own and its "
+                     "horizontal mirror's (twice the model's work)")
 
     def _build(self, checkpoint):
         spec, cfg = self.spec, self.spec.cfg
         dataset = build_dataset(spec.source, cfg.dataset, is_training=False, batch_size=cfg.eval.batch_size,
-                                image_size=spec.image_size, normalization=spec.normalization)
+                                image_size=spec.image_size, normalization=spec.normalization,
+                                with_sources=cfg.eval.save_predictions)
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
-        images, labels = iterator.get_next()
-        model = InferenceModel(images, spec.model, checkpoint, spec.use_ema)
-        logits = model.logits
-        losses = cross_entropy(logits, labels, spec.model.num_classes, per_image=True)
-
-        def hits(k):
-            return tf.reduce_sum(tf.cast(top_k_hits(logits, labels, k), tf.int64))
-
-        counts = {"top1": hits(1), "top5": hits(5), "num_images": tf.size(labels, out_type=tf.int64),
-                  "loss_sum": tf.reduce_sum(tf.cast(losses, tf.float64))}
-        return iterator, counts, model
+        batch = iterator.get_next()
+        images, labels = batch[0], batch[1]
+        model, log_p = class_log_probabilities(images, spec.model, checkpoint, spec.use_ema, cfg.eval.flip_tta)
+        num_classes = spec.model.num_classes
+        top_probability, top_index = tf.nn.top_k(tf.exp(log_p), k=min(TOP_K, num_classes))
+        log_p_true = tf.reduce_sum(log_p * tf.one_hot(labels, num_classes), axis=1)
+        fetches = {"labels": labels, "top_index": top_index, "top_probability": top_probability,
+                   "label_probability": tf.exp(log_p_true),
+                   "loss_sum": tf.reduce_sum(tf.cast(-log_p_true, tf.float64))}
+        if cfg.eval.save_predictions:
+            fetches["sources"] = batch[2]
+        floor = tf.compat.v1.placeholder_with_default(tf.constant(-1.0), [])
+        if cfg.eval.mistakes:
+            fetches["mistakes"], fetches["mistake_images"] = _mistake_candidates(
+                images, labels, top_index, top_probability, floor, cfg.eval.mistakes)
+        return iterator, fetches, floor, model
 
     def evaluate(self, checkpoint, note=None):
-        """Top-1 / top-5 of checkpoint, written to eval.json with note's keys (what this evaluation is) added."""
+        """Evaluates checkpoint; writes eval.json (with note's keys: what this evaluation is) and the files beside
+        it; returns eval.json's fields."""
         graph = tf.Graph()
         interrupts.fault_point("building")
         with graph.as_default():
-            iterator, count_ops, model = self._build(checkpoint)
+            iterator, fetches, floor, model = self._build(checkpoint)
         graph.finalize()
-        totals = {k: 0 for k in count_ops}
+        collected = _Collected(self.spec.cfg.eval.mistakes, self.spec.normalization)
         started = time.time()
         with tf.compat.v1.Session(graph=graph, config=self.spec.device.session_config(Purpose.INFERENCE)) as sess:
             interrupts.fault_point("restoring")
@@ -57,24 +124,26 @@ class Evaluator(object):
                 while True:
                     interrupts.check()  # an evaluation during training runs where signals are deferred
                     try:
-                        values = sess.run(count_ops)
+                        collected.add(sess.run(fetches, {floor: collected.mistakes.floor}))
                     except tf.errors.OutOfRangeError:
                         break
-                    for k, v in values.items():
-                        totals[k] += v
                     interrupts.fault_point("evaluating")
-        result = self._result(checkpoint, totals, skipped_records(graph), model.plan, time.time() - started)
+        result, confusion, arrays = self._result(checkpoint, collected, skipped_records(graph), model.plan,
+                                                 time.time() - started)
         result.update(note or {})
-        self._write(result)
+        write_outputs(self.spec.run_dir, result, confusion, arrays, self.class_names,
+                      sources=collected.sources if self.spec.cfg.eval.save_predictions else None,
+                      mistakes=collected.mistakes.worst())
         log.info("eval of %s (%s weights): top1 %.4f top5 %.4f over %d images", checkpoint, result["weights"],
                  result["top1"], result["top5"], result["num_images"])
         return result
 
-    def _result(self, checkpoint, totals, skipped, plan, seconds):
+    def _result(self, checkpoint, collected, skipped, plan, seconds):
+        """(eval.json's fields, the confusion matrix, the EvalArrays)."""
         spec = self.spec
         if skipped:
             log.warning("skipped %d bad record(s) of the validation set (dataset.skip_bad_records)", skipped)
-        n = int(totals["num_images"])
+        n = collected.count
         if n == 0:
             why = "all {} record(s) were bad and skipped (dataset.skip_bad_records)".format(skipped) if skipped \
                 else "they hold no records"
@@ -82,18 +151,10 @@ class Evaluator(object):
                 spec.source.data_dir, files_text(spec.source.eval_files), why))
         if spec.source.num_eval and spec.source.num_eval != n + skipped:
             log.warning("evaluated %d images but the dataset is said to hold %d", n, spec.source.num_eval)
-        return {"top1": totals["top1"] / float(n), "top5": totals["top5"] / float(n),
-                "loss": float(totals["loss_sum"]) / n, "num_images": n, "checkpoint": os.path.abspath(checkpoint),
-                "step": checkpoint_step(checkpoint), "model": spec.model.name, "image_size": spec.image_size,
-                "images_per_sec": n / max(seconds, 1e-9), "skipped_records": skipped,
-                "weights": "ema" if plan.uses_ema else "raw"}
-
-    def _write(self, result):
-        run_dir = self.spec.run_dir
-        run_folder.atomic_write_json(run_folder.eval_path(run_dir), result)
-        with tf.Graph().as_default():
-            writer = tf.compat.v1.summary.FileWriter(run_folder.tensorboard_dir(run_dir, "eval"))
-            try:
-                write_scalars(writer, result["step"] or 0, {k: result[k] for k in ("top1", "top5", "loss")})
-            finally:
-                writer.close()
+        arrays = collected.arrays.arrays()
+        fields, confusion = evaluation_metrics(arrays, self.class_names)
+        fields.update({"loss": collected.loss_sum / n, "num_images": n, "checkpoint": os.path.abspath(checkpoint),
+                       "step": checkpoint_step(checkpoint), "model": spec.model.name, "image_size": spec.image_size,
+                       "images_per_sec": n / max(seconds, 1e-9), "skipped_records": skipped,
+                       "weights": "ema" if plan.uses_ema else "raw", "flip_tta": bool(spec.cfg.eval.flip_tta)})
+        return fields, confusion, arrays

@@ -2,8 +2,9 @@
 
 Per job folder (any folder under the sweep holding `.hydra/overrides.yaml` or `status.json`):
 `.hydra/overrides.yaml` (the job's overrides), `status.json` (running / completed / failed + the error's
-first line, wall time), `eval.json` (final top-1/top-5, step, an early stop), `metrics.jsonl` (images/s,
-eval_top1 records, loss curve). So the report can be rebuilt at any time: `python -m effnet_exp.tools.summarize DIR`.
+first line, wall time), `eval.json` (final top-1 with its 95% interval, top-5, balanced accuracy, step, an early
+stop), `metrics.jsonl` (images/s, eval_top1 records, loss curve). So the report can be rebuilt at any time:
+`python -m effnet_exp.tools.summarize DIR`.
 """
 import csv
 import io
@@ -20,8 +21,8 @@ from effnet_exp.reporting.plots import draw_sweep
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG = "summary.csv", "summary.md", "summary.png"
-COLUMNS = ("job", "overrides", "status", "error", "top1", "top5", "best_top1", "steps", "stopped_early",
-           "images_per_sec", "wall_sec", "folder")
+COLUMNS = ("job", "overrides", "status", "error", "top1", "top1_ci95_low", "top1_ci95_high", "top5",
+           "balanced_accuracy", "best_top1", "steps", "stopped_early", "images_per_sec", "wall_sec", "folder")
 _SKIP = {run_folder.HYDRA_DIR, ".submitit", run_folder.CHECKPOINT_DIR, run_folder.TENSORBOARD, run_folder.EXPORT_DIR}
 
 
@@ -91,8 +92,10 @@ def job_row(sweep_dir, job_dir):
     wall = status.get("wall_sec")
     if wall is None and train:
         wall = train[-1].get("elapsed_sec")
+    low, high = final.get("top1_ci95") or (None, None)
     row = {"job": job, "overrides": _overrides(job_dir, status), "status": state,
-           "error": status.get("error") or "", "top1": final.get("top1"), "top5": final.get("top5"),
+           "error": status.get("error") or "", "top1": final.get("top1"), "top1_ci95_low": low,
+           "top1_ci95_high": high, "top5": final.get("top5"), "balanced_accuracy": final.get("balanced_accuracy"),
            "best_top1": max(top1s) if top1s else None, "steps": steps, "stopped_early": stop.get("step"),
            "images_per_sec": _mean_images_per_sec(train), "wall_sec": wall, "folder": folder}
     return row, (train, points)
@@ -159,27 +162,34 @@ def _status_cell(row):
     return row["status"]
 
 
+def _interval(row):
+    low, high = row["top1_ci95_low"], row["top1_ci95_high"]
+    return "" if low is None else "[{}, {}]".format(_fmt(low), _fmt(high))
+
+
 def _md_text(report):
     rows = report.rows
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     lines = ["# Sweep {}".format(report.sweep_dir), "",
-             "{} job(s): {}. Sorted by final eval top-1; `best top-1` is the best periodic or final "
-             "evaluation.".format(len(rows), ", ".join("{} {}".format(n, s) for s, n in sorted(counts.items())))
+             "{} job(s): {}. Sorted by final eval top-1 (with its bootstrap 95% interval over the eval images); "
+             "`best top-1` is the best periodic or final evaluation.".format(
+                 len(rows), ", ".join("{} {}".format(n, s) for s, n in sorted(counts.items())))
              if rows else "No job folders found.", ""]
     if any(row["stopped_early"] is not None for row in rows):
         lines += ["A job that stopped early (`train.early_stopping`) has the top-1 of its best checkpoint and, as "
                   "`steps`, the step it stopped at.", ""]
     if report.common:
         lines += ["Overrides of every job: `{}`; the table shows the others.".format(" ".join(report.common)), ""]
-    header = ("job", "overrides", "status", "top-1", "top-5", "best top-1", "steps", "images/s", "wall time (s)",
-              "folder")
+    header = ("job", "overrides", "status", "top-1", "top-1 95% CI", "top-5", "balanced accuracy", "best top-1",
+              "steps", "images/s", "wall time (s)", "folder")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         cells = (row["job"], "`{}`".format(row["swept"]) if row["swept"] else "", _status_cell(row),
-                 _fmt(row["top1"]), _fmt(row["top5"]), _fmt(row["best_top1"]), _fmt(row["steps"]),
+                 _fmt(row["top1"]), _interval(row), _fmt(row["top5"]), _fmt(row["balanced_accuracy"]),
+                 _fmt(row["best_top1"]), _fmt(row["steps"]),
                  _fmt(row["images_per_sec"], 1), _fmt(row["wall_sec"], 1), row["folder"])
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "![eval top-1 and training loss per job]({})".format(SUMMARY_PNG), ""]

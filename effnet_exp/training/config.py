@@ -125,6 +125,12 @@ class EvalConfig:
     checkpoint: Optional[str] = None
     # Evaluate the checkpoint's /ExponentialMovingAverage weights when it has them (false: the raw weights).
     use_ema: bool = True
+    # predictions.jsonl in the run folder: each eval image's source, label and top-5 (what eval.json is computed from).
+    save_predictions: bool = False
+    # Each image's probabilities are the mean of its own and its horizontal mirror's (test-time augmentation).
+    flip_tta: bool = False
+    # mistakes.png: this many of the most confidently wrong eval images (0: none).
+    mistakes: int = 24
 
 
 def check_optimizer(cfg):
@@ -202,3 +208,5 @@ def check_early_stopping(cfg, eval_every):
 def check_eval(cfg):
     if cfg.batch_size < 1:
         raise UserError("eval.batch_size={} must be at least 1".format(cfg.batch_size))
+    if cfg.mistakes < 0:
+        raise UserError("eval.mistakes={} must be >= 0 (0: no mistakes.png)".format(cfg.mistakes))
