@@ -16,7 +16,6 @@ import sys
 from effnet_exp import run_folder
 from effnet_exp.errors import UserError
 
-PREDICTIONS_JSONL = "predictions.jsonl"  # written by the evaluator with eval.save_predictions=true
 COMPARE_MD = "compare.md"
 SIGNIFICANCE = 0.05
 TOP_CLASSES = 10
@@ -93,11 +92,11 @@ def load_run(folder):
     if not os.path.isdir(folder):
         raise UserError("{}: no such folder".format(folder))
     result = _eval_result(folder)
-    path = os.path.join(folder, PREDICTIONS_JSONL)
+    path = os.path.join(folder, run_folder.EVAL_PREDICTIONS)
     if not os.path.isfile(path):
         raise UserError("{} has no {}: evaluate it with eval.save_predictions=true (python run.py mode=eval "
                         "eval.checkpoint={} eval.save_predictions=true) and compare that evaluation's run folder"
-                        .format(folder, PREDICTIONS_JSONL, folder))
+                        .format(folder, run_folder.EVAL_PREDICTIONS, folder))
     sources, labels, correct = read_predictions(path)
     if len(correct) != result["num_images"]:
         raise UserError("{} has {} lines but {} says num_images={}: they come from different evaluations".format(
