@@ -23,7 +23,8 @@ SCALARS = ("top1", "top5", "loss", "balanced_accuracy", "macro_f1", "nll", "ece"
 
 def write_outputs(run_dir, result, confusion, arrays, class_names, sources=None, mistakes=None):
     """result: eval.json's fields; arrays: the EvalArrays; sources: one per image for predictions.jsonl (None:
-    not written); mistakes: (indices, uint8 images) of the images for mistakes.png (none: not drawn)."""
+    not written); mistakes: (indices, uint8 images) of the images for mistakes.png, most confident first (none
+    kept: a figure saying so; None: not drawn)."""
     run_folder.atomic_write_text(os.path.join(run_dir, run_folder.CONFUSION_CSV),
                                  confusion_csv(confusion, class_names))
     if sources is not None:
@@ -55,11 +56,11 @@ def predictions_jsonl(arrays, sources):
 
 
 def _draw(path, draw, *args):
-    """draw(path, *args); True when drawn, else the failure logged (the evaluation's numbers matter more)."""
+    """draw(path, *args) (it returns None without matplotlib); whether it drew. A failure is logged: the
+    evaluation's numbers matter more."""
     try:
-        draw(path, *args)
-        return True
-    except Exception as err:  # matplotlib missing or broken, disk full
+        return draw(path, *args) is not None
+    except Exception as err:  # matplotlib broken, disk full
         log.warning("could not draw %s: %s: %s", path, type(err).__name__, err)
         return False
 
@@ -73,8 +74,8 @@ def _draw_figures(run_dir, confusion, arrays, class_names, mistakes):
                                         class_names),
         run_folder.RELIABILITY_PNG: _draw(os.path.join(run_dir, run_folder.RELIABILITY_PNG), reliability_png, bins,
                                           calibration_error(bins))}
-    indices, images = mistakes if mistakes is not None else ((), ())
-    if len(indices):
+    if mistakes is not None:
+        indices, images = mistakes
         true_names = [class_names[c] for c in arrays.labels[indices]]
         predicted_names = [class_names[c] for c in arrays.top_index[indices, 0]]
         drawn[run_folder.MISTAKES_PNG] = _draw(os.path.join(run_dir, run_folder.MISTAKES_PNG), mistakes_png, images,

@@ -72,13 +72,18 @@ class _Collected(object):
         self.count += len(values["labels"])
 
 
+def _class_names(spec):
+    """The names in eval.json, confusion.csv and the figures: the run's class names, else the indices."""
+    num_classes = spec.model.num_classes
+    if spec.class_names and len(spec.class_names) == num_classes:
+        return list(spec.class_names)
+    return [str(index) for index in range(num_classes)]
+
+
 class Evaluator(object):
     def __init__(self, spec):
         self.spec = spec
-        num_classes = spec.model.num_classes
-        names = spec.class_names
-        self.class_names = list(names) if names and len(names) == num_classes else [str(i) for i in
-                                                                                      range(num_classes)]
+        self.class_names = _class_names(spec)
         if spec.cfg.eval.flip_tta:
             log.info("eval.flip_tta=true: each eval image's probabilities are the mean of its own and its "
                      "horizontal mirror's (twice the model's work)")
@@ -133,7 +138,7 @@ class Evaluator(object):
         result.update(note or {})
         write_outputs(self.spec.run_dir, result, confusion, arrays, self.class_names,
                       sources=collected.sources if self.spec.cfg.eval.save_predictions else None,
-                      mistakes=collected.mistakes.worst())
+                      mistakes=collected.mistakes.worst() if self.spec.cfg.eval.mistakes else None)
         log.info("eval of %s (%s weights): top1 %.4f top5 %.4f over %d images", checkpoint, result["weights"],
                  result["top1"], result["top5"], result["num_images"])
         return result
