@@ -16,6 +16,15 @@ from effnet_exp.modes import Mode
 from effnet_exp.training.config import EvalConfig, OptimizerConfig, PredictConfig, TrainConfig
 
 
+@dataclass
+class MlflowLoggerConfig:
+    """+logger=mlflow (conf/logger/mlflow.yaml): each job's results into an MLflow store once the job has ended."""
+    name: str = "mlflow"
+    # A folder (relative to the directory run.py starts in) or an MLflow tracking URI (file:/..., http://...)
+    tracking_uri: str = "mlruns"
+    # null: a sweep job's sweep folder (multirun_sweeps/<date>/<time>), "effnet_exp" for a single run.
+    experiment: Optional[str] = None
+
 
 @dataclass
 class RunConfig:
@@ -32,6 +41,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    # Not in the defaults list: `+logger=mlflow` adds conf/logger/mlflow.yaml, which pulls in its schema.
+    logger: Any = None
 
 
 def requested_image_size(cfg):
@@ -51,3 +62,4 @@ def register_configs():
     cs.store(group="device", name="cpu_schema", node=CpuDeviceConfig)
     cs.store(group="device", name="gpu_schema", node=GpuDeviceConfig)
     cs.store(group="device", name="ascend_schema", node=AscendDeviceConfig)
+    cs.store(group="logger", name="mlflow_schema", node=MlflowLoggerConfig)

@@ -19,7 +19,8 @@ from effnet_exp.export.exporter import export_model, summary_text
 from effnet_exp.inference.evaluator import Evaluator
 from effnet_exp.inference.predictor import Predictor, report
 from effnet_exp.reporting.curves import update_curves
-from effnet_exp.reporting.jobs import JobStatus, share_cores
+from effnet_exp.reporting.jobs import COMPLETED, FAILED, INTERRUPTED, JobStatus, share_cores
+from effnet_exp.reporting.mlflow_logger import open_logger
 from effnet_exp.resume import resumed_config, save_config
 from effnet_exp.spec import resolve_spec
 from effnet_exp.training.trainer import Trainer
@@ -152,7 +153,9 @@ def run_from_hydra(cfg):
 def _run_job(cfg, hydra_cfg, run_dir, status, multirun):
     """run_from_hydra's job: its result and status, or a failure recorded in status and reported as one
     error line (a sweep job's: NaN to the sweeper)."""
+    tracker = spec = None
     try:
+        tracker = open_logger(cfg, hydra_cfg, run_dir)  # +logger=mlflow without MLflow: a UserError before any work
         if cfg.resume:
             cfg = resumed_config(os.path.abspath(cfg.resume), hydra_cfg.overrides.task)
         else:
@@ -167,10 +170,12 @@ def _run_job(cfg, hydra_cfg, run_dir, status, multirun):
         if status is not None:
             status.interrupted(stopped)
         _log_to_files_only("error: {}".format(stopped))
+        _track(tracker, spec, INTERRUPTED, stopped)
         raise stopped  # run.py ends the process (and a sweep, with its report)
     except Exception as err:
         if status is not None:
             status.failed(err)
+        _track(tracker, spec, FAILED, err)
         if multirun:
             return _failed_job(err, hydra_cfg)
         if not isinstance(err, UserError):
@@ -180,7 +185,15 @@ def _run_job(cfg, hydra_cfg, run_dir, status, multirun):
         sys.exit(2)
     if status is not None:
         status.completed(result)
+    _track(tracker, spec, COMPLETED)
     return result
+
+
+def _track(tracker, spec, outcome, error=None):
+    """The run folder into the tracking store, by the chief only (or by any process when the job failed before
+    it knew its place); after status.json, so logging cannot change the job's status."""
+    if tracker is not None and (spec is None or spec.placement.chief):
+        tracker.log_run(outcome, error)
 
 
 def _failed_job(err, hydra_cfg):

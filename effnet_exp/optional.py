@@ -1,6 +1,6 @@
 """The one place that imports heavy or optional packages, lazily: npu_bridge (Ascend images only), matplotlib
-(figures), Pillow (the TFRecord converter's workers), scikit-learn's datasets (slow, needed once) and Keras (the
-benchmark's other side)."""
+(figures), Pillow (the TFRecord converter's workers), scikit-learn's datasets (slow, needed once), Keras (the
+benchmark's other side) and MLflow (+logger=mlflow)."""
 import importlib
 from collections import namedtuple
 
@@ -52,6 +52,21 @@ def pil_image(user):
     except ImportError as err:
         raise UserError("{} needs Pillow ({}); install it with: pip install pillow".format(user, err))
     return Image
+
+
+Mlflow = namedtuple("Mlflow", "MlflowClient Metric Param RunTag version")
+
+
+def mlflow():
+    """MLflow's tracking client and entities; UserError saying how to install it."""
+    try:
+        import mlflow as module
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+    except ImportError as err:
+        raise UserError("+logger=mlflow needs MLflow, which cannot be imported here ({}); install it with: "
+                        "pip install mlflow-skinny (or pip install -r requirements-test.txt)".format(err))
+    return Mlflow(MlflowClient, Metric, Param, RunTag, module.__version__)
 
 
 def load_digits():

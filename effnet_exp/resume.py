@@ -47,7 +47,8 @@ def resumed_config(run_dir, overrides):
     applied = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if key == "resume" or key.startswith("hydra."):
+        # Tracking is chosen per command: experiment.py takes `logger` from this command line's composed config.
+        if key == "resume" or key.startswith("hydra.") or key.split(".")[0] == "logger":
             continue
         if key in GROUPS:
             raise UserError("resume keeps the run's {0} config; {0}={1} cannot change it (start a new run "

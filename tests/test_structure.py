@@ -15,6 +15,7 @@ PACKAGE = os.path.join(REPO, "effnet_exp")
 LAZY_IMPORTS = {
     ("effnet_exp/optional.py", "npu_bridge"), ("effnet_exp/optional.py", "matplotlib"),
     ("effnet_exp/optional.py", "PIL"), ("effnet_exp/optional.py", "sklearn"), ("effnet_exp/optional.py", "keras"),
+    ("effnet_exp/optional.py", "mlflow"),
     # TensorFlow loaded once with stderr sent to run.log (its C++ start-up lines).
     ("effnet_exp/reporting/console.py", "tensorflow"),
     # Every spawn worker of the converter re-imports the tool's module: TensorFlow only in the parent.

@@ -1,4 +1,5 @@
-"""Hydra callback (conf/config.yaml, hydra.callbacks.sweep_report): the sweep report when a sweep ends.
+"""Hydra callback (conf/config.yaml, hydra.callbacks.sweep_report): the sweep report when a sweep ends; at its
+start, the checks that would fail every job alike (+logger=mlflow without MLflow).
 
 The jobs themselves never raise into Hydra in a multirun (run_from_hydra records a failure in the job's
 status.json and returns NaN), so the sweeper runs every job and on_multirun_end is reached; the failures it
@@ -10,7 +11,9 @@ import sys
 
 from hydra.experimental.callback import Callback
 
+from effnet_exp.errors import UserError
 from effnet_exp.reporting.jobs import first_line
+from effnet_exp.reporting.mlflow_logger import check_installed
 from effnet_exp.reporting.sweep_summary import collect, write_report
 
 log = logging.getLogger(__name__)
@@ -35,11 +38,21 @@ def report_sweep(sweep_dir):
 
 class SweepReportCallback(Callback):
     def on_multirun_start(self, config, **kwargs):
+        _check_before_jobs(config)
         _RUNNING["sweep_dir"] = os.path.abspath(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs):
         _RUNNING.clear()
         report_sweep(config.hydra.sweep.dir)
+
+
+def _check_before_jobs(config):
+    """What would fail every job the same way ends the sweep before its first: one `error:` line, exit status 2."""
+    try:
+        check_installed(config)
+    except UserError as err:
+        sys.stderr.write("error: {}\n".format(err))
+        sys.exit(2)
 
 
 def sweep_interrupted(stop):

@@ -1,19 +1,19 @@
-"""The only module that draws with matplotlib (imported by effnet_exp.optional): figures on the Agg canvas, with no
-display and no pyplot state."""
+"""The training and sweep figures, and the figure / save helpers every figure uses (eval_plots too): matplotlib
+(imported by effnet_exp.optional) on the Agg canvas, with no display and no pyplot state, written atomically."""
 import io
 
 from effnet_exp.optional import matplotlib
 from effnet_exp.run_folder import atomic_write_bytes
 
 
-def _figure(width, height):
+def new_figure(width, height):
     mpl = matplotlib()
     figure = mpl.Figure(figsize=(width, height), dpi=100)
     mpl.FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure, path, bottom=0.0):
+def save_png(figure, path, bottom=0.0):
     buffer = io.BytesIO()
     figure.tight_layout(rect=(0, bottom, 1, 0.95))
     figure.savefig(buffer, format="png")
@@ -31,7 +31,7 @@ def _finite(points):
 
 def draw_run_curves(path, title, train_records, evals):
     """curves.png of one run: loss, and train top-1 with eval top-1, against the step."""
-    figure = _figure(10, 4)
+    figure = new_figure(10, 4)
     loss_axes = figure.add_subplot(1, 2, 1)
     top1_axes = figure.add_subplot(1, 2, 2, sharex=loss_axes)
     loss = _finite([(r["step"], r.get("loss")) for r in train_records])
@@ -55,7 +55,7 @@ def draw_run_curves(path, title, train_records, evals):
         top1_axes.legend(loc="best")
     _integer_steps(loss_axes, top1_axes)
     figure.suptitle(title, fontsize=9)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def draw_sweep(path, title, jobs):
@@ -65,7 +65,7 @@ def draw_sweep(path, title, jobs):
     """
     Line2D = matplotlib().Line2D
     rows = (len(jobs) + 1) // 2 if len(jobs) > 6 else len(jobs)
-    figure = _figure(12, 4.5 + 0.2 * rows)
+    figure = new_figure(12, 4.5 + 0.2 * rows)
     eval_axes = figure.add_subplot(1, 2, 1)
     loss_axes = figure.add_subplot(1, 2, 2, sharex=eval_axes)
     styles = []
@@ -91,4 +91,4 @@ def draw_sweep(path, title, jobs):
         figure.legend(handles, [label for label, _, _ in jobs], loc="lower center", fontsize=8,
                       ncol=2 if len(jobs) > 6 else 1, frameon=False)
     figure.suptitle(title, fontsize=9)
-    _save(figure, path, bottom=min(0.6, (0.25 + 0.2 * rows) / (4.5 + 0.2 * rows)) if jobs else 0.0)
+    save_png(figure, path, bottom=min(0.6, (0.25 + 0.2 * rows) / (4.5 + 0.2 * rows)) if jobs else 0.0)
