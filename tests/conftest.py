@@ -1,3 +1,5 @@
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -24,3 +26,19 @@ def run_py(args, cwd, cache_dir, timeout=600):
     return subprocess.run([sys.executable, RUN_PY] + list(args), cwd=str(cwd), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=timeout)
+
+
+def only(pattern):
+    found = glob.glob(pattern)
+    assert len(found) == 1, (pattern, found)
+    return found[0]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -2,7 +2,6 @@
 MLflow's own client; without MLflow, one `error:` line before any work; a store that cannot be written, one
 warning and the job's result unchanged."""
 import glob
-import json
 import logging
 import os
 from types import SimpleNamespace
@@ -12,27 +11,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_py
+from conftest import TINY, metrics, only, read_json, run_py
 from effnet_exp.reporting.mlflow_logger import SINGLE_RUN_EXPERIMENT, MlflowLogger, override_params
 
 # MLflow 3 opens a folder store only when asked (MLflow 1.x ignores this); run.py asks the same way.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-
-
-def only(pattern):
-    found = glob.glob(pattern)
-    assert len(found) == 1, (pattern, found)
-    return found[0]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def expected_params(run_dir):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, TINY, run_py
+from conftest import REPO, TINY, metrics, only, read_json, run_py
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,22 +29,6 @@ JOB = overrides(TINY, {"optimizer": "sgd_nesterov", "train.steps": "2", "train.l
                        "train.checkpoint_every": "2", "train.eval_every": "2", "seed": "1"})
 # Job 1 diverges (loss nan at step 2, as in test_faults.py); job 2 runs after it in the same process.
 LRS = ("0.01", "1e30", "0.001")
-
-
-def only(pattern):
-    found = glob.glob(pattern)
-    assert len(found) == 1, (pattern, found)
-    return found[0]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def checkpoint_variables(run_dir):
