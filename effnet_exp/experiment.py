@@ -4,6 +4,7 @@ import logging
 import os
 import random
 import sys
+import time
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +22,7 @@ from effnet_exp.inference.predictor import Predictor, report
 from effnet_exp.reporting.curves import update_curves
 from effnet_exp.reporting.jobs import COMPLETED, FAILED, INTERRUPTED, JobStatus, share_cores
 from effnet_exp.reporting.mlflow_logger import open_logger
+from effnet_exp.reporting.train_summary import write_train_summary
 from effnet_exp.resume import resumed_config, save_config
 from effnet_exp.spec import resolve_spec
 from effnet_exp.training.trainer import Trainer
@@ -37,6 +39,7 @@ def prepare(cfg, run_dir, environ=None):
     device.check(typed)
     run_dir = os.path.abspath(run_dir)
     own_dir = run_folder.process_dir(run_dir, device.placement)
+    device.use_folder(own_dir)
     if own_dir != run_dir:
         _move_log_file(run_dir, own_dir)
     return resolve_spec(typed, device, run_dir, own_dir)
@@ -56,8 +59,10 @@ def _train(spec):
     """The final eval top-1: after an early stop, the best checkpoint's (either mode); else mode=train gives the last
     train.eval_every evaluation's, or NaN without one."""
     evaluator = Evaluator(spec) if spec.evaluates else None
+    started = time.time()
     with interrupts.phase("training"):
         trained = Trainer(spec, evaluate=evaluator.evaluate if evaluator else None).train()
+    write_train_summary(spec, time.time() - started)  # the ModelZoo figures: images/s, ms/step, final loss
     result = (trained.get("last_eval") or {}).get("top1")
     if evaluator and (trained.get("early_stop") or spec.cfg.mode == Mode.train_eval):
         with interrupts.phase("evaluating"):
