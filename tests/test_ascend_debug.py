@@ -11,7 +11,7 @@ import os
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import TINY, run_py
+from conftest import REPO, TINY, run_py
 from effnet_exp.devices.base import Purpose
 from effnet_exp.devices.config import check_device
 from effnet_exp.devices.factory import make_device
@@ -38,7 +38,7 @@ def ascend(*overrides):
 
 
 def fusion_switch_file(folder):
-    """CANN's fusion switch file format: every graph and UB fusion off."""
+    """A fusion switch file (only its path is ours to pass on)."""
     path = os.path.join(str(folder), "fusion_off.json")
     with open(path, "w") as f:
         json.dump({"Switch": {"GraphFusion": {"ALL": "off"}, "UBFusion": {"ALL": "off"}}}, f)
@@ -141,6 +141,19 @@ def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(UserError) as err:
         check_device(ascend(*overrides).device)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_example_files_are_accepted(monkeypatch):
+    """conf/ascend/'s documented examples: JSON, in the shape docs/ascend.md describes, and accepted as the two
+    switches (relative to the repository, as in the docs' commands)."""
+    mixlist = os.path.join("conf", "ascend", "mixlist_keep_fp32.json")
+    switches = os.path.join("conf", "ascend", "fusion_off.json")
+    with open(os.path.join(REPO, mixlist)) as f:
+        assert json.load(f) == {"black-list": {"to-add": ["Sigmoid"]}}
+    with open(os.path.join(REPO, switches)) as f:
+        assert json.load(f) == {"Switch": {"GraphFusion": {"ALL": "off"}, "UBFusion": {"ALL": "off"}}}
+    monkeypatch.chdir(REPO)
+    check_device(ascend("device.modify_mixlist=" + mixlist, "device.fusion_switch_file=" + switches).device)
 
 
 def test_good_dump_steps_pass():
