@@ -19,6 +19,7 @@ from effnet_exp.errors import UserError
 from effnet_exp.export.exporter import export_model, summary_text
 from effnet_exp.inference.evaluator import Evaluator
 from effnet_exp.inference.predictor import Predictor, report
+from effnet_exp.reporting import drawing
 from effnet_exp.reporting.curves import update_curves
 from effnet_exp.reporting.jobs import COMPLETED, FAILED, INTERRUPTED, JobStatus, share_cores
 from effnet_exp.reporting.mlflow_logger import open_logger
@@ -52,7 +53,14 @@ def run(spec):
     np.random.seed(spec.cfg.seed)
     if spec.class_names and spec.placement.chief:
         run_folder.write_labels(spec.run_dir, spec.class_names)
-    return {Mode.predict: _predict, Mode.export: _export, Mode.eval: _evaluate}.get(spec.cfg.mode, _train)(spec)
+    mode = {Mode.predict: _predict, Mode.export: _export, Mode.eval: _evaluate}.get(spec.cfg.mode, _train)
+    try:
+        result = mode(spec)
+    except BaseException:
+        drawing.finish(discard=True)
+        raise
+    drawing.finish()  # the figures drawn in the background: a finished run has all its files
+    return result
 
 
 def _train(spec):
