@@ -62,10 +62,13 @@ def tflite_name(quantize):
     return "model.tflite" if quantize == Quantize.none else "model_{}.tflite".format(quantize.value)
 
 
+def wants_int8(cfg):
+    return ExportFormat(cfg.format) in TFLITE_FORMATS and Quantize.int8 in [Quantize(q) for q in cfg.quantize]
+
+
 def needs_data(cfg):
     """Whether the export reads the dataset: int8 calibration, or the report's evaluation."""
-    return cfg.report or (ExportFormat(cfg.format) in TFLITE_FORMATS and Quantize.int8 in
-                          [Quantize(q) for q in cfg.quantize])
+    return bool(cfg.report) or wants_int8(cfg)
 
 
 _SOC = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -2,7 +2,7 @@
 
 Both stacks convert from the frozen GraphDef through `tf.compat.v1.lite.TFLiteConverter.from_frozen_graph`
 (TF 1.15: TOCO, which runs the `toco_from_protos` program installed beside the Python interpreter; TF 2.x: the
-MLIR converter). The input is converted with batch 1 (or export.batch_size); the interpreter resizes it.
+MLIR converter). The input is converted with batch 1 (or export.batch_size).
 """
 import contextlib
 import os
@@ -94,7 +94,9 @@ def _has_num_threads():
 
 class TFLiteRunner(object):
     """Runs a .tflite model on float images [B, S, S, 3] (in its input scale): float32 outputs by name,
-    dequantized when the file's outputs are integers."""
+    dequantized when the file's outputs are integers. The images go through in chunks of the file's own batch
+    (the last one padded), never by resizing the input: TF 1.15's int8 kernels give wrong results for the
+    images after the first when the interpreter is resized to a larger batch."""
 
     def __init__(self, model_content, threads=0):
         self.interpreter, self.threads = interpreter(model_content, threads)
@@ -103,16 +105,9 @@ class TFLiteRunner(object):
         self.outputs = {_base_name(d["name"]): d for d in self.interpreter.get_output_details()}
         self.batch = int(self.input["shape"][0])
 
-    def _resize(self, batch):
-        if batch != self.batch:
-            self.interpreter.resize_tensor_input(self.input["index"], [batch] + list(self.input["shape"][1:]))
-            self.interpreter.allocate_tensors()
-            self.batch = batch
-
     def set_input(self, images):
-        images = np.asarray(images, np.float32)
-        self._resize(len(images))
-        self.interpreter.set_tensor(self.input["index"], quantize_array(images, self.input))
+        """One chunk of exactly the file's batch."""
+        self.interpreter.set_tensor(self.input["index"], quantize_array(np.asarray(images, np.float32), self.input))
 
     def invoke(self):
         self.interpreter.invoke()
@@ -122,9 +117,17 @@ class TFLiteRunner(object):
         return dequantize_array(self.interpreter.get_tensor(details["index"]), details)
 
     def __call__(self, images, name):
-        self.set_input(images)
-        self.invoke()
-        return self.output(name)
+        images = np.asarray(images, np.float32)
+        results = []
+        for start in range(0, len(images), self.batch):
+            chunk = images[start:start + self.batch]
+            count = len(chunk)
+            if count < self.batch:
+                chunk = np.concatenate([chunk, np.zeros((self.batch - count,) + chunk.shape[1:], np.float32)])
+            self.set_input(chunk)
+            self.invoke()
+            results.append(self.output(name)[:count])
+        return np.concatenate(results)
 
 
 def _base_name(name):
