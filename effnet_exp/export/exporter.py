@@ -437,11 +437,14 @@ def _in_input_scale(images, norm, in_graph):
 
 
 def _check_batch(spec, calibration):
+    """(images, what they are): CHECK_IMAGES of them, or exactly export.batch_size when that is fixed."""
+    count = int(spec.batch_size or CHECK_IMAGES)
     if calibration is not None and len(calibration):
-        return np.asarray(calibration[:CHECK_IMAGES], np.float32), "the first {} calibration images".format(
-            min(CHECK_IMAGES, len(calibration)))
-    images = np.random.RandomState(0).normal(size=(CHECK_IMAGES, spec.image_size, spec.image_size, 3))
-    return images.astype(np.float32), "{} standard-normal images (seed 0)".format(CHECK_IMAGES)
+        images = np.asarray(calibration[:count], np.float32)
+        images = np.concatenate([images] * int(np.ceil(count / float(len(images)))))[:count]
+        return images, "the first {} calibration images".format(min(count, len(calibration)))
+    images = np.random.RandomState(0).normal(size=(count, spec.image_size, spec.image_size, 3))
+    return images.astype(np.float32), "{} standard-normal images (seed 0)".format(count)
 
 
 def _export_tflite(folder, frozen, restored, spec, export_cfg, modes, norm, calibration):
