@@ -19,7 +19,7 @@ from effnet_exp.export import tflite
 from effnet_exp.export.config import Int8IO, Quantize
 from effnet_exp.model.restore import InferenceModel
 from effnet_exp.resume import save_config
-from effnet_exp.run_folder import HYDRA_CONFIG
+from effnet_exp.run_folder import HYDRA_CONFIG, predictions_path
 from effnet_exp.tools import export_report
 from factory import run_config
 
@@ -202,3 +202,18 @@ def test_artifact_without_export_json_and_export_of_an_artifact_are_user_errors(
         prepare(run_config(*(exported["cache"] + ["mode=export", "eval.checkpoint={}".format(
             exported["export"] / "model.pb")])), str(tmp_path / "run2"))
     assert export_report.main([str(tmp_path)]) == 2
+
+
+def test_mode_predict_on_an_artifact_gives_the_checkpoints_classes(exported, tmp_path):
+    image = tmp_path / "noise.png"
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        pixels = np.random.RandomState(2).randint(0, 255, (40, 48, 3)).astype(np.uint8)
+        image.write_bytes(sess.run(tf.io.encode_png(pixels)))
+    found = {}
+    for name, checkpoint in (("checkpoint", exported["train"]), ("tflite", exported["export"] / "model.tflite")):
+        in_process(exported["cache"] + ["mode=predict", "eval.checkpoint={}".format(checkpoint),
+                                        "predict.images=[{}]".format(image)], tmp_path / name)
+        found[name] = read_json(predictions_path(str(tmp_path / name)))[0]["top5"]
+    assert [c["index"] for c in found["tflite"]] == [c["index"] for c in found["checkpoint"]]
+    np.testing.assert_allclose([c["probability"] for c in found["tflite"]],
+                               [c["probability"] for c in found["checkpoint"]], atol=1e-5)
