@@ -113,12 +113,27 @@ def build_report(run_dir, model_cfg, use_ema, source, ds_cfg, image_size, normal
     images, labels = read_images(source, ds_cfg, image_size, normalization, limit=export_cfg.report_images)
     if not len(images):
         raise UserError("no eval images in {} for the export report".format(source.data_dir))
-    rows = []
-    reference = None
     latency_batch = int(manifest.get("batch_size") or 1)
     if len(images) < latency_batch:
         raise UserError("the export's batch is {} but the report has {} eval images".format(latency_batch,
                                                                                            len(images)))
+    rows = _measured_rows(run_dir, manifest, images, labels, model_cfg, use_ema, export_cfg, threads,
+                          session_config, latency_batch)
+    drop = float(export_cfg.max_top1_drop)
+    _flag(rows, drop)
+    report = {"export_dir": os.path.join(run_dir, EXPORT_DIR), "num_images": int(len(labels)),
+              "latency_batch": latency_batch, "warmup_runs": WARMUP_RUNS, "runs": int(export_cfg.report_runs),
+              "max_top1_drop": drop, "tensorflow_version": tf.__version__, "rows": rows}
+    folder = os.path.join(run_dir, EXPORT_DIR)
+    atomic_write_json(os.path.join(folder, REPORT_JSON), report)
+    atomic_write_text(os.path.join(folder, REPORT_MD), report_markdown(report))
+    return report
+
+
+def _measured_rows(run_dir, manifest, images, labels, model_cfg, use_ema, export_cfg, threads, session_config,
+                   latency_batch):
+    rows = []
+    reference = None
     for name, path, quantize in artifact_paths(run_dir, manifest):
         model = CheckpointModel(path, model_cfg, use_ema) if name == CHECKPOINT else open_model(path,
                                                                                                threads=threads)
@@ -129,20 +144,17 @@ def build_report(run_dir, model_cfg, use_ema, source, ds_cfg, image_size, normal
             reference = top1
         fmt = model.format + (" " + quantize if quantize else "")
         rows.append(_row(name, fmt, path, top1, hits5, labels, reference, latencies, used))
-    drop = float(export_cfg.max_top1_drop)
+    return rows
+
+
+def _flag(rows, drop):
+    """Each row's top-1 difference to the checkpoint (the first row); flagged when it loses more than drop."""
     for row in rows:
         row["top1_diff"] = row["top1"] - rows[0]["top1"]
         row["flagged"] = row["name"] != CHECKPOINT and -row["top1_diff"] > drop
         if row["flagged"]:
             log.warning("export report: %s loses %.4f top-1 against the checkpoint (more than export.max_top1_drop"
                         "=%g)", row["name"], -row["top1_diff"], drop)
-    report = {"export_dir": os.path.join(run_dir, EXPORT_DIR), "num_images": int(len(labels)),
-              "latency_batch": latency_batch, "warmup_runs": WARMUP_RUNS, "runs": int(export_cfg.report_runs), "max_top1_drop": drop,
-              "tensorflow_version": tf.__version__, "rows": rows}
-    folder = os.path.join(run_dir, EXPORT_DIR)
-    atomic_write_json(os.path.join(folder, REPORT_JSON), report)
-    atomic_write_text(os.path.join(folder, REPORT_MD), report_markdown(report))
-    return report
 
 
 def report_of_spec(spec):
@@ -164,14 +176,15 @@ def _row(name, fmt, path, top1, hits5, labels, reference, latencies, threads):
 def report_markdown(report):
     lines = ["# Export report", "",
              "{} eval images; batch-{} latency over {} runs after {} warm-up runs; TensorFlow {}.".format(
-                 report["num_images"], report["latency_batch"], report["runs"], report["warmup_runs"], report["tensorflow_version"]), "",
+                 report["num_images"], report["latency_batch"], report["runs"], report["warmup_runs"],
+                 report["tensorflow_version"]), "",
              "| artifact | format | size (MB) | top-1 | top-5 | top-1 vs checkpoint | agrees with checkpoint | "
              "p50 ms | p90 ms | p99 ms | threads | flag |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lat = row["latency_ms"]
-        lines.append("| {} | {} | {:.2f} | {:.4f} | {:.4f} | {:+.4f} | {:.4f} | {:.2f} | {:.2f} | {:.2f} | {} | {} |".format(
-            row["name"], row["format"], row["size_bytes"] / 1e6, row["top1"], row["top5"], row["top1_diff"],
+        lines.append(("| {} | {} | {:.2f} | {:.4f} | {:.4f} | {:+.4f} | {:.4f} | {:.2f} | {:.2f} | {:.2f} | {} | {} |"
+                      ).format(row["name"], row["format"], row["size_bytes"] / 1e6, row["top1"], row["top5"], row["top1_diff"],
             row["top1_agreement"], lat["p50"], lat["p90"], lat["p99"], row["threads"] or "default",
             "loses more than {:g}".format(report["max_top1_drop"]) if row["flagged"] else ""))
     return "\n".join(lines) + "\n"
