@@ -208,7 +208,7 @@ def test_mode_predict_on_an_artifact_gives_the_checkpoints_classes(exported, tmp
     image = tmp_path / "noise.png"
     with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
         pixels = np.random.RandomState(2).randint(0, 255, (40, 48, 3)).astype(np.uint8)
-        image.write_bytes(sess.run(tf.io.encode_png(pixels)))
+        image.write_bytes(sess.run(tf.image.encode_png(pixels)))
     found = {}
     for name, checkpoint in (("checkpoint", exported["train"]), ("tflite", exported["export"] / "model.tflite")):
         in_process(exported["cache"] + ["mode=predict", "eval.checkpoint={}".format(checkpoint),
