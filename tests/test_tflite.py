@@ -16,7 +16,7 @@ from effnet_exp.data.source import resolve_data_source
 from effnet_exp.errors import UserError
 from effnet_exp.experiment import prepare, run
 from effnet_exp.export import tflite
-from effnet_exp.export.config import Int8IO, Quantize
+from effnet_exp.export.config import Int8IO, Quantize, check_export
 from effnet_exp.model.restore import InferenceModel
 from effnet_exp.resume import save_config
 from effnet_exp.run_folder import HYDRA_CONFIG, predictions_path
@@ -217,3 +217,12 @@ def test_mode_predict_on_an_artifact_gives_the_checkpoints_classes(exported, tmp
     assert [c["index"] for c in found["tflite"]] == [c["index"] for c in found["checkpoint"]]
     np.testing.assert_allclose([c["probability"] for c in found["tflite"]],
                                [c["probability"] for c in found["checkpoint"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["export.quantize=[int8,int8]"], "export.quantize"), (["export.quantize=[]"], "export.quantize"),
+    (["export.calibration_images=0"], "export.calibration_images"), (["export.report_runs=0"], "export.report_runs"),
+    (["export.report_images=0"], "export.report_images"), (["export.max_top1_drop=2"], "export.max_top1_drop")])
+def test_bad_export_settings_name_their_key(overrides, key):
+    with pytest.raises(UserError, match=key):
+        check_export(run_config(*overrides).export)
