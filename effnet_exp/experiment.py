@@ -16,7 +16,10 @@ from effnet_exp.modes import Mode
 from effnet_exp.devices.base import Purpose
 from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError
+from effnet_exp.export.calibration import calibration_images
+from effnet_exp.export.config import wants_int8
 from effnet_exp.export.exporter import export_model, summary_text
+from effnet_exp.export.report import report_markdown, report_of_spec
 from effnet_exp.inference.evaluator import Evaluator
 from effnet_exp.inference.predictor import Predictor, report
 from effnet_exp.reporting import drawing
@@ -114,7 +117,8 @@ def _evaluate(spec):
 def _predict(spec):
     cfg = spec.cfg
     predictor = Predictor(spec.model, spec.image_size, spec.normalization, cfg.dataset.crop_padding,
-                          spec.class_names, spec.device.session_config(Purpose.INFERENCE))
+                          spec.class_names, spec.device.session_config(Purpose.INFERENCE),
+                          threads=cfg.device.intra_op_threads)
     with interrupts.phase("predicting"):
         results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k, use_ema=spec.use_ema)
     failed = report(results, spec.run_dir)
@@ -128,10 +132,18 @@ def _predict(spec):
 def _export(spec):
     cfg = spec.cfg
     with interrupts.phase("exporting"):
+        calibration = None
+        if wants_int8(cfg.export):
+            calibration = calibration_images(spec.source, cfg.dataset, spec.image_size, spec.normalization,
+                                             cfg.export.calibration_images, cfg.seed)
         manifest = export_model(spec.checkpoint, spec.model, spec.image_size, spec.normalization, spec.run_dir,
                                 cfg.export, class_names=spec.class_names, crop_padding=cfg.dataset.crop_padding,
-                                session_config=spec.device.session_config(Purpose.INFERENCE))
+                                session_config=spec.device.session_config(Purpose.INFERENCE),
+                                calibration=calibration)
     print(summary_text(manifest))
+    if cfg.export.report:
+        with interrupts.phase("evaluating"):
+            print(report_markdown(report_of_spec(spec)))
     return float(len(manifest["files"]))
 
 
