@@ -36,6 +36,7 @@ from effnet_exp.model.blocks import decode_blocks, has_se, is_fused, round_filte
 __all__ = [
     "build_efficientnet",
     "expand_block_args",
+    "scaled_stages",
     "stem_and_head_filters",
     "count_trainable_params",
 ]
@@ -53,13 +54,12 @@ def stem_and_head_filters(cfg):
     return scaled_filters(cfg, cfg.stem_filters), scaled_filters(cfg, cfg.head_filters)
 
 
-def expand_block_args(cfg):
-    """Returns the per-block BlockArgs (one per built block, global order).
+def scaled_stages(cfg):
+    """One BlockArgs per stage (block string), width- and depth-scaled: its first block, with num_repeat the
+    stage's scaled repeat count.
 
     Stage repeats are scaled with round_repeats(depth_coefficient) and filters
-    with round_filters(width_coefficient); the first block of a stage keeps the
-    stage's stride and input filters, the repeats use stride 1 and
-    input = output filters. With ``cfg.fix_head_stem`` (EfficientNet-Lite) the
+    with round_filters(width_coefficient). With ``cfg.fix_head_stem`` (EfficientNet-Lite) the
     first and the last stage keep their repeats and the first stage's input
     filters are the (unscaled) stem filters.
     """
@@ -70,11 +70,21 @@ def expand_block_args(cfg):
         input_filters = scaled_filters(cfg, stage.input_filters)
         if cfg.fix_head_stem and i == 0:
             input_filters = stem_and_head_filters(cfg)[0]
-        stage = stage._replace(
+        result.append(stage._replace(
             input_filters=input_filters,
             output_filters=scaled_filters(cfg, stage.output_filters),
             num_repeat=stage.num_repeat if fixed else round_repeats(stage.num_repeat, cfg.depth_coefficient),
-        )
+        ))
+    return result
+
+
+def expand_block_args(cfg):
+    """Returns the per-block BlockArgs (one per built block, global order): each stage of scaled_stages(cfg)
+    repeated; the first block of a stage keeps the stage's stride and input filters, the repeats use stride 1
+    and input = output filters.
+    """
+    result = []
+    for stage in scaled_stages(cfg):
         result.append(stage)
         repeat = stage._replace(input_filters=stage.output_filters, strides=(1, 1))
         for _ in range(stage.num_repeat - 1):
