@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import run_py, metrics, only
 from effnet_exp import optional
 from effnet_exp.data.config import Normalization
-from effnet_exp.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from effnet_exp.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalization_constants, normalize
 from effnet_exp.export.config import ExportConfig
 from effnet_exp.export.exporter import export_model, run_frozen
 from effnet_exp.inference.predictor import Predictor
@@ -264,3 +264,12 @@ def test_run_py_trains_and_evaluates_v2_b0_then_export_and_predict(tmp_path, cac
     top = results[0]["top5"]
     assert len(results) == 1 and len(top) == 3 and all(0 <= t["index"] < 10 for t in top)
     assert 0 < sum(t["probability"] for t in top) <= 1 + 1e-5
+
+
+def test_signed_normalization_is_keras_v2_s_rescaling():
+    # keras.applications.EfficientNetV2S's preprocessing: Rescaling(scale=1/128, offset=-1).
+    pixels = np.array([[[[0.0, 128.0, 255.0]]]], np.float32)
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        got = sess.run(normalize(tf.constant(pixels), Normalization.signed))
+    np.testing.assert_allclose(got, pixels / 128.0 - 1.0, atol=1e-7)
+    assert normalization_constants("signed") == ((128.0,) * 3, (128.0,) * 3)
