@@ -10,7 +10,6 @@ convolutions and the classifier (effnet_exp/model/summary.py). --json writes
 {"model", "image_size", "params", "trainable_params", "flops"} (flops = multiply-adds).
 """
 import argparse
-import json
 import os
 import sys
 
