@@ -18,6 +18,7 @@ class Normalization(str, enum.Enum):
     imagenet = "imagenet"  # (x - ImageNet mean) / ImageNet std, per channel, on the 0-255 scale
     unit = "unit"  # x / 255
     lite = "lite"  # (x - 127) / 128, what the EfficientNet-Lite weights expect
+    signed = "signed"  # (x - 128) / 128, what EfficientNetV2-S/M/L expect (the authors' and Keras's preprocessing)
 
 
 class AugmentPolicy(str, enum.Enum):

@@ -35,6 +35,7 @@ _NORMALIZATION_CONSTANTS = {
     Normalization.imagenet: (IMAGENET_MEAN, IMAGENET_STD),
     Normalization.lite: ((127.0,) * 3, (128.0,) * 3),
     Normalization.unit: ((0.0,) * 3, (255.0,) * 3),
+    Normalization.signed: ((128.0,) * 3, (128.0,) * 3),
 }
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -318,7 +319,8 @@ def pixels(images, mode):
 
 def normalize(images, mode, rows=True):
     """Scale float images on the 0-255 scale by the Normalization mode (or its value): imagenet (mean/std
-    per channel), unit (/255) or lite ((x - 127) / 128, what the EfficientNet-Lite weights expect).
+    per channel), unit (/255), lite ((x - 127) / 128, what the EfficientNet-Lite weights expect) or signed
+    ((x - 128) / 128, EfficientNetV2-S/M/L).
     ValueError for anything else.
 
     rows=False: imagenet as plain broadcast Sub and RealDiv ops, what graph converters (Ascend's ATC,
@@ -332,6 +334,8 @@ def normalize(images, mode, rows=True):
         return (images - tf.constant(IMAGENET_MEAN, tf.float32)) / tf.constant(IMAGENET_STD, tf.float32)
     if mode == Normalization.lite:
         return (images - 127.0) / 128.0
+    if mode == Normalization.signed:
+        return (images - 128.0) / 128.0
     return images / 255.0
 
 

@@ -1,20 +1,25 @@
 """Block-string codec and width/depth scaling rules (pure Python, no TensorFlow).
 
-A block string describes one stage of MBConv blocks, e.g.
-``r2_k3_s22_e6_i16_o24_se0.25``:
+A block string describes one stage of MBConv or fused-MBConv blocks, e.g.
+``r2_k3_s22_e6_i16_o24_se0.25`` or (EfficientNetV2) ``r2_k3_s22_e4_i16_o32_c1``:
 
 ====== ===================================================== ========
 field  meaning                                               required
 ====== ===================================================== ========
 r<N>   number of repeats of the block in the stage            yes
-k<N>   depthwise kernel size                                  yes
+k<N>   kernel size (depthwise conv; fused: the full conv)     yes
 s<HW>  strides, exactly two digits (``s11``, ``s22``)         yes
-e<N>   expansion ratio of the 1x1 expand conv                 yes
+e<N>   expansion ratio of the expand conv                     yes
 i<N>   input filters of the stage                             yes
 o<N>   output filters of the stage                            yes
 se<F>  squeeze-excitation ratio in [0, 1]; absent/0 = no SE   no
+c<N>   conv type: 0 MBConv (absent), 1 fused-MBConv           no
 noskip disables the identity skip connection                  no
 ====== ===================================================== ========
+
+A fused-MBConv block (EfficientNetV2, ``c1`` as in google/automl ``efficientnetv2/effnetv2_configs.py``)
+replaces the 1x1 expand conv and the depthwise conv by one full ``k x k`` conv with the block's stride; with
+expansion 1 that conv is the block's only (projecting) conv.
 
 This module is the only place where block strings are decoded.
 """
@@ -28,6 +33,7 @@ __all__ = [
     "encode_block_string",
     "decode_blocks",
     "has_se",
+    "is_fused",
     "round_filters",
     "round_repeats",
 ]
@@ -43,11 +49,17 @@ BlockArgs = collections.namedtuple(
         "output_filters",
         "se_ratio",
         "id_skip",
+        "conv_type",
     ],
 )
+BlockArgs.__new__.__defaults__ = (0,)  # conv_type: MBConv unless the string says c1
+
+MBCONV = 0
+FUSED_MBCONV = 1
+CONV_TYPES = {MBCONV: "MBConv", FUSED_MBCONV: "Fused-MBConv"}
 
 _REQUIRED = ("r", "k", "s", "e", "i", "o")
-_FIELD_RE = re.compile(r"^(se|[rkseio])([0-9.].*)$")
+_FIELD_RE = re.compile(r"^(se|[rkseioc])([0-9.].*)$")
 _NAMES = {
     "r": "num_repeat",
     "k": "kernel_size",
@@ -56,6 +68,7 @@ _NAMES = {
     "i": "input_filters",
     "o": "output_filters",
     "se": "se_ratio",
+    "c": "conv_type",
 }
 
 
@@ -144,6 +157,13 @@ def decode_block_string(block_string):
                 "field 'se%s' (se_ratio) must be in [0, 1]" % values["se"],
             )
 
+    conv_type = MBCONV
+    if "c" in values:
+        if values["c"] not in ("0", "1"):
+            raise _bad(block_string, "field 'c%s' (conv_type) must be c0 (MBConv) or c1 (fused-MBConv)"
+                       % values["c"])
+        conv_type = int(values["c"])
+
     return BlockArgs(
         num_repeat=_positive_int(block_string, "r", values["r"]),
         kernel_size=_positive_int(block_string, "k", values["k"]),
@@ -153,6 +173,7 @@ def decode_block_string(block_string):
         output_filters=_positive_int(block_string, "o", values["o"]),
         se_ratio=se_ratio,
         id_skip=id_skip,
+        conv_type=conv_type,
     )
 
 
@@ -160,7 +181,7 @@ def encode_block_string(args):
     """Inverse of :func:`decode_block_string`.
 
     ``decode_block_string(encode_block_string(a)) == a`` for every valid ``a``
-    (``se`` is written whenever se_ratio is not None, including 0).
+    (``se`` is written whenever se_ratio is not None, including 0; ``c1`` for a fused block, nothing for MBConv).
     """
     strides = tuple(args.strides)
     if len(strides) != 2:
@@ -175,6 +196,8 @@ def encode_block_string(args):
     ]
     if args.se_ratio is not None:
         parts.append("se%r" % float(args.se_ratio))
+    if args.conv_type != MBCONV:
+        parts.append("c%d" % args.conv_type)
     if not args.id_skip:
         parts.append("noskip")
     return "_".join(parts)
@@ -190,10 +213,17 @@ def has_se(args):
     return args.se_ratio is not None and 0.0 < float(args.se_ratio) <= 1.0
 
 
-def round_filters(filters, width_coefficient, depth_divisor=8, min_depth=None):
+def is_fused(args):
+    """True for a fused-MBConv block (conv type 1)."""
+    return args.conv_type == FUSED_MBCONV
+
+
+def round_filters(filters, width_coefficient, depth_divisor=8, min_depth=None, min_ratio=0.9):
     """Scales a channel count by the width coefficient, rounded to the divisor.
 
-    width_coefficient of None, 0 or 1.0 returns ``filters`` unchanged.
+    width_coefficient of None, 0 or 1.0 returns ``filters`` unchanged. The result is raised by one divisor when
+    rounding took it below ``min_ratio`` of the scaled count: 0.9 in EfficientNet V1's code, no such rule (0) in
+    EfficientNetV2's (google/automl effnetv2_model.py, keras.applications efficientnet_v2.py).
     """
     if not width_coefficient or float(width_coefficient) == 1.0:
         return int(filters)
@@ -201,7 +231,7 @@ def round_filters(filters, width_coefficient, depth_divisor=8, min_depth=None):
     scaled = filters * float(width_coefficient)
     min_depth = min_depth or divisor
     new_filters = max(min_depth, int(scaled + divisor / 2.0) // divisor * divisor)
-    if new_filters < 0.9 * scaled:  # Never round down by more than 10%.
+    if new_filters < float(min_ratio) * scaled:
         new_filters += divisor
     return int(new_filters)
 

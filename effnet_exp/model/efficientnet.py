@@ -16,6 +16,13 @@ Variable layout under ``cfg.name`` (e.g. ``efficientnet-b0``)::
 
 ``se/`` is omitted for blocks without squeeze-excitation (se ratio absent/0).
 
+Fused-MBConv blocks (EfficientNetV2, block strings with ``c1``; google/automl
+``efficientnetv2/effnetv2_model.py:FusedMBConvBlock``) are named the same way, by order of creation:
+    expand_ratio != 1: conv2d (k x k expand, the block's stride), tpu_batch_normalization,
+        [se/conv2d, se/conv2d_1], conv2d_1 (1x1 project), tpu_batch_normalization_1
+    expand_ratio == 1: conv2d (k x k project, the block's stride), tpu_batch_normalization, then the activation
+EfficientNetV2 variants live under their own scope (``efficientnetv2-s/...``), the authors' model name.
+
 EfficientNet-Lite (``cfg.fix_head_stem``, as the reference ``efficientnet_lite_builder.py``):
 the stem and head filters are not width-scaled, the first and the last stage keep their
 repeat count (no depth scaling), and the first block takes the stem's (unscaled) filters as
@@ -24,31 +31,35 @@ its input. Lite block strings carry no ``se`` field and the activation is relu6.
 import tensorflow as tf
 
 from effnet_exp.model import layers
-from effnet_exp.model.blocks import decode_blocks, has_se, round_filters, round_repeats
+from effnet_exp.model.blocks import decode_blocks, has_se, is_fused, round_filters, round_repeats
 
 __all__ = [
     "build_efficientnet",
     "expand_block_args",
+    "scaled_stages",
     "stem_and_head_filters",
     "count_trainable_params",
 ]
+
+
+def scaled_filters(cfg, filters):
+    """round_filters with cfg's width coefficient, divisor, minimum depth and rounding rule."""
+    return round_filters(filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth, cfg.filters_min_ratio)
 
 
 def stem_and_head_filters(cfg):
     """(stem filters, head filters): width-scaled, or as configured when ``cfg.fix_head_stem``."""
     if cfg.fix_head_stem:
         return cfg.stem_filters, cfg.head_filters
-    return (round_filters(cfg.stem_filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth),
-            round_filters(cfg.head_filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth))
+    return scaled_filters(cfg, cfg.stem_filters), scaled_filters(cfg, cfg.head_filters)
 
 
-def expand_block_args(cfg):
-    """Returns the per-block BlockArgs (one per built block, global order).
+def scaled_stages(cfg):
+    """One BlockArgs per stage (block string), width- and depth-scaled: its first block, with num_repeat the
+    stage's scaled repeat count.
 
     Stage repeats are scaled with round_repeats(depth_coefficient) and filters
-    with round_filters(width_coefficient); the first block of a stage keeps the
-    stage's stride and input filters, the repeats use stride 1 and
-    input = output filters. With ``cfg.fix_head_stem`` (EfficientNet-Lite) the
+    with round_filters(width_coefficient). With ``cfg.fix_head_stem`` (EfficientNet-Lite) the
     first and the last stage keep their repeats and the first stage's input
     filters are the (unscaled) stem filters.
     """
@@ -56,15 +67,24 @@ def expand_block_args(cfg):
     result = []
     for i, stage in enumerate(stages):
         fixed = cfg.fix_head_stem and (i == 0 or i == len(stages) - 1)
-        input_filters = round_filters(stage.input_filters, cfg.width_coefficient, cfg.depth_divisor, cfg.min_depth)
+        input_filters = scaled_filters(cfg, stage.input_filters)
         if cfg.fix_head_stem and i == 0:
             input_filters = stem_and_head_filters(cfg)[0]
-        stage = stage._replace(
+        result.append(stage._replace(
             input_filters=input_filters,
-            output_filters=round_filters(stage.output_filters, cfg.width_coefficient, cfg.depth_divisor,
-                                         cfg.min_depth),
+            output_filters=scaled_filters(cfg, stage.output_filters),
             num_repeat=stage.num_repeat if fixed else round_repeats(stage.num_repeat, cfg.depth_coefficient),
-        )
+        ))
+    return result
+
+
+def expand_block_args(cfg):
+    """Returns the per-block BlockArgs (one per built block, global order): each stage of scaled_stages(cfg)
+    repeated; the first block of a stage keeps the stage's stride and input filters, the repeats use stride 1
+    and input = output filters.
+    """
+    result = []
+    for stage in scaled_stages(cfg):
         result.append(stage)
         repeat = stage._replace(input_filters=stage.output_filters, strides=(1, 1))
         for _ in range(stage.num_repeat - 1):
@@ -72,10 +92,24 @@ def expand_block_args(cfg):
     return result
 
 
+def _squeeze_excite(x, args, filters, act):
+    """Squeeze-excitation of x (``filters`` channels), reduced to ratio x the block's input filters."""
+    num_reduced = max(1, int(args.input_filters * float(args.se_ratio)))
+    with tf.compat.v1.variable_scope("se", use_resource=True):
+        s = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        s = act(layers.conv2d(s, num_reduced, 1, use_bias=True, name="conv2d"))
+        s = layers.conv2d(s, filters, 1, use_bias=True, name="conv2d_1")
+        return tf.sigmoid(s) * x
+
+
 def _mbconv_block(x, args, is_training, bn_training, act, survival_prob, bn_momentum, bn_epsilon,
                   endpoints=None):
-    """One MBConv block inside the current ``blocks_<i>`` variable scope."""
+    """One MBConv or fused-MBConv block inside the current ``blocks_<i>`` variable scope.
+
+    Fused (conv type 1): the expand conv is the full k x k conv with the block's stride and there is no depthwise
+    conv; without expansion the project conv is that k x k conv, followed by the activation."""
     inputs = x
+    fused = is_fused(args)
     bn_names = iter(
         ["tpu_batch_normalization"]
         + ["tpu_batch_normalization_%d" % i for i in range(1, 3)]
@@ -87,24 +121,24 @@ def _mbconv_block(x, args, is_training, bn_training, act, survival_prob, bn_mome
 
     filters = args.input_filters * args.expand_ratio
     if args.expand_ratio != 1:
-        x = act(bn(layers.conv2d(x, filters, 1, name=next(conv_names))))
+        kernel, strides = (args.kernel_size, args.strides) if fused else (1, 1)
+        x = act(bn(layers.conv2d(x, filters, kernel, strides, name=next(conv_names))))
     if endpoints is not None:
         endpoints["expansion_output"] = x
 
-    x = layers.depthwise_conv2d(x, args.kernel_size, args.strides, name="depthwise_conv2d")
-    x = act(bn(x))
-    if endpoints is not None:
-        endpoints["depthwise_output"] = x
+    if not fused:
+        x = layers.depthwise_conv2d(x, args.kernel_size, args.strides, name="depthwise_conv2d")
+        x = act(bn(x))
+        if endpoints is not None:
+            endpoints["depthwise_output"] = x
 
     if has_se(args):
-        num_reduced = max(1, int(args.input_filters * float(args.se_ratio)))
-        with tf.compat.v1.variable_scope("se", use_resource=True):
-            s = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-            s = act(layers.conv2d(s, num_reduced, 1, use_bias=True, name="conv2d"))
-            s = layers.conv2d(s, filters, 1, use_bias=True, name="conv2d_1")
-            x = tf.sigmoid(s) * x
+        x = _squeeze_excite(x, args, filters, act)
 
-    x = bn(layers.conv2d(x, args.output_filters, 1, name=next(conv_names)))
+    if fused and args.expand_ratio == 1:
+        x = act(bn(layers.conv2d(x, args.output_filters, args.kernel_size, args.strides, name=next(conv_names))))
+    else:
+        x = bn(layers.conv2d(x, args.output_filters, 1, name=next(conv_names)))
 
     if (args.id_skip and all(int(s) == 1 for s in args.strides)
             and args.input_filters == args.output_filters):

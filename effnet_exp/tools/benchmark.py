@@ -6,7 +6,8 @@
 Both sides get the same random batch already in memory, the same optimizer (SGD with Nesterov momentum
 0.9), batch, resolution, thread settings and warm-up; the two sides take turns for --rounds rounds, and each
 figure is the median over the rounds of the median over --steps timed steps.
-Keras 3 runs only on the TF 2.x stack (keras.applications.EfficientNetB0..B7, weights=None).
+Keras 3 runs only on the TF 2.x stack (keras.applications.EfficientNetB0..B7 for efficientnet_b0..b7,
+EfficientNetV2B0..B3 / V2S / V2M / V2L for efficientnetv2_b0..b3 / s / m / l; weights=None).
 The machine's float32 matrix-multiply rate is measured in the same rounds, timed the same way, in a session
 with our model's thread settings; for B0 at 224x224 each throughput is also given as a fraction of that rate.
 """
@@ -166,8 +167,7 @@ def keras_steps(model_name, batch, image_size, threads):
         tf.config.threading.set_intra_op_parallelism_threads(threads[0])
     if threads[1]:
         tf.config.threading.set_inter_op_parallelism_threads(threads[1])
-    variant = model_name.rsplit("_", 1)[-1].upper()  # b0 -> B0
-    build = getattr(keras.applications, "EfficientNet" + variant, None)
+    build = getattr(keras.applications, keras_model_name(model_name), None)
     if build is None:
         return None
     model = build(weights=None, input_shape=(image_size, image_size, 3), classes=1000)
@@ -177,6 +177,13 @@ def keras_steps(model_name, batch, image_size, threads):
     x = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype(np.float32)
     y = rng.randint(0, 1000, batch).astype(np.int32)
     return {"train": lambda: model.train_on_batch(x, y), "eval": lambda: model.predict_on_batch(x)}
+
+
+def keras_model_name(model_name):
+    """keras.applications' name of a variant: efficientnet_b0 -> EfficientNetB0, efficientnetv2_s ->
+    EfficientNetV2S (for a variant Keras lacks, e.g. Lite, a name keras.applications does not have)."""
+    family, variant = model_name.rsplit("_", 1)
+    return {"efficientnet": "EfficientNet", "efficientnetv2": "EfficientNetV2"}.get(family, family) + variant.upper()
 
 
 def peak_rss_mb():
