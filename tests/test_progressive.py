@@ -173,9 +173,9 @@ def stem_input_side(graph):
 
 
 def dropout_rates(graph):
-    """The rates of the tf.nn.dropout ops in a graph (their `rate` constants)."""
-    return [float(tf.make_ndarray(op.get_attr("value"))) for op in graph.get_operations()
-            if op.type == "Const" and op.name.endswith("dropout/rate")]
+    """The rates of the tf.nn.dropout ops in a graph: the constant each keeps its uniform draws above."""
+    return [float(tf.make_ndarray(op.inputs[1].op.get_attr("value"))) for op in graph.get_operations()
+            if op.type == "GreaterEqual" and "/dropout/" in op.name and op.inputs[1].op.type == "Const"]
 
 
 @pytest.fixture(scope="module")
