@@ -3,7 +3,6 @@ config checks, the EfficientNetV2-S preset, and real runs of run.py with two sta
 stage read back from its checkpoint's .meta, the learning rate over the whole run, the optimizer state carried over
 the boundary, a SIGTERM inside stage 2 resumed to the uninterrupted run's weights, and a two-replica mirrored run."""
 import dataclasses
-import json
 import math
 import os
 import signal
