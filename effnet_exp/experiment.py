@@ -4,6 +4,7 @@ import logging
 import os
 import random
 import sys
+import time
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -15,12 +16,17 @@ from effnet_exp.modes import Mode
 from effnet_exp.devices.base import Purpose
 from effnet_exp.devices.factory import make_device
 from effnet_exp.errors import UserError
+from effnet_exp.export.calibration import calibration_images
+from effnet_exp.export.config import wants_int8
 from effnet_exp.export.exporter import export_model, summary_text
+from effnet_exp.export.report import report_markdown, report_of_spec
 from effnet_exp.inference.evaluator import Evaluator
 from effnet_exp.inference.predictor import Predictor, report
+from effnet_exp.reporting import drawing
 from effnet_exp.reporting.curves import update_curves
 from effnet_exp.reporting.jobs import COMPLETED, FAILED, INTERRUPTED, JobStatus, share_cores
 from effnet_exp.reporting.mlflow_logger import open_logger
+from effnet_exp.reporting.train_summary import write_train_summary
 from effnet_exp.resume import resumed_config, save_config
 from effnet_exp.spec import resolve_spec
 from effnet_exp.training.progressive import eval_spec
@@ -38,6 +44,7 @@ def prepare(cfg, run_dir, environ=None):
     device.check(typed)
     run_dir = os.path.abspath(run_dir)
     own_dir = run_folder.process_dir(run_dir, device.placement)
+    device.use_folder(own_dir)
     if own_dir != run_dir:
         _move_log_file(run_dir, own_dir)
     return resolve_spec(typed, device, run_dir, own_dir)
@@ -50,15 +57,24 @@ def run(spec):
     np.random.seed(spec.cfg.seed)
     if spec.class_names and spec.placement.chief:
         run_folder.write_labels(spec.run_dir, spec.class_names)
-    return {Mode.predict: _predict, Mode.export: _export, Mode.eval: _evaluate}.get(spec.cfg.mode, _train)(spec)
+    mode = {Mode.predict: _predict, Mode.export: _export, Mode.eval: _evaluate}.get(spec.cfg.mode, _train)
+    try:
+        result = mode(spec)
+    except BaseException:
+        drawing.finish(discard=True)
+        raise
+    drawing.finish()  # the figures drawn in the background: a finished run has all its files
+    return result
 
 
 def _train(spec):
     """The final eval top-1: after an early stop, the best checkpoint's (either mode); else mode=train gives the last
     train.eval_every evaluation's, or NaN without one."""
     evaluator = Evaluator(eval_spec(spec)) if spec.evaluates else None  # train.progressive may evaluate at its own size
+    started = time.time()
     with interrupts.phase("training"):
         trained = Trainer(spec, evaluate=evaluator.evaluate if evaluator else None).train()
+    write_train_summary(spec, time.time() - started)  # the ModelZoo figures: images/s, ms/step, final loss
     result = (trained.get("last_eval") or {}).get("top1")
     if evaluator and (trained.get("early_stop") or spec.cfg.mode == Mode.train_eval):
         with interrupts.phase("evaluating"):
@@ -102,7 +118,8 @@ def _evaluate(spec):
 def _predict(spec):
     cfg = spec.cfg
     predictor = Predictor(spec.model, spec.image_size, spec.normalization, cfg.dataset.crop_padding,
-                          spec.class_names, spec.device.session_config(Purpose.INFERENCE))
+                          spec.class_names, spec.device.session_config(Purpose.INFERENCE),
+                          threads=cfg.device.intra_op_threads)
     with interrupts.phase("predicting"):
         results = predictor.predict(spec.checkpoint, list(cfg.predict.images), cfg.predict.top_k, use_ema=spec.use_ema)
     failed = report(results, spec.run_dir)
@@ -116,10 +133,18 @@ def _predict(spec):
 def _export(spec):
     cfg = spec.cfg
     with interrupts.phase("exporting"):
+        calibration = None
+        if wants_int8(cfg.export):
+            calibration = calibration_images(spec.source, cfg.dataset, spec.image_size, spec.normalization,
+                                             cfg.export.calibration_images, cfg.seed)
         manifest = export_model(spec.checkpoint, spec.model, spec.image_size, spec.normalization, spec.run_dir,
                                 cfg.export, class_names=spec.class_names, crop_padding=cfg.dataset.crop_padding,
-                                session_config=spec.device.session_config(Purpose.INFERENCE))
+                                session_config=spec.device.session_config(Purpose.INFERENCE),
+                                calibration=calibration)
     print(summary_text(manifest))
+    if cfg.export.report:
+        with interrupts.phase("evaluating"):
+            print(report_markdown(report_of_spec(spec)))
     return float(len(manifest["files"]))
 
 

@@ -2,6 +2,7 @@
 (figures), Pillow (the TFRecord converter's workers), scikit-learn's datasets (slow, needed once), Keras (the
 benchmark's other side) and MLflow (+logger=mlflow)."""
 import importlib
+import os
 from collections import namedtuple
 
 from effnet_exp.errors import UserError
@@ -30,7 +31,8 @@ def import_npu_bridge():
     return npu_init
 
 
-Matplotlib = namedtuple("Matplotlib", "Figure FigureCanvasAgg MaxNLocator Line2D")
+# font_file: the TrueType font matplotlib ships (DejaVu Sans), for the captions Pillow draws (eval_plots).
+Matplotlib = namedtuple("Matplotlib", "Figure FigureCanvasAgg MaxNLocator Line2D font_file")
 
 
 def matplotlib():
@@ -42,7 +44,8 @@ def matplotlib():
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    return Matplotlib(Figure, FigureCanvasAgg, MaxNLocator, Line2D)
+    font_file = os.path.join(mpl.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    return Matplotlib(Figure, FigureCanvasAgg, MaxNLocator, Line2D, font_file)
 
 
 def pil_image(user):

@@ -4,6 +4,7 @@
   .hydra/config.yaml, overrides.yaml      Hydra's record of the composed config (rewritten at every start)
   .hydra/effnet_config.yaml               the config of the first start, which resume= continues
   run.log, metrics.jsonl, curves.png      log, one JSON line per logged step or evaluation, the curves
+  train_summary.json                      the training's images/s, ms/step, final loss, time (reporting/train_summary.py)
   labels.txt                              class names, one per line, in class-index order
   eval.json, predictions.json             results of the evaluation and of mode=predict
   confusion.csv, predictions.jsonl        the evaluation's confusion matrix and (eval.save_predictions) per-image
@@ -12,6 +13,7 @@
   checkpoints/best/                       the checkpoint with the best eval top-1 (train.eval_every)
   tensorboard/train, tensorboard/eval     TensorBoard events
   export/                                 mode=export
+  profiling/, dump/                       device=ascend's profiles and dumps (device.profiling, device.dump)
   rank_<k>/ or worker_<k>/                what a data-parallel process other than the chief writes (its run.log,
                                           metrics.jsonl, curves.png); it resumes from checkpoints/ above
 No TensorFlow import here.

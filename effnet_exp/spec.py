@@ -6,6 +6,7 @@ model of a checkpoint's run folder, ...) lives here.
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
@@ -16,6 +17,8 @@ from effnet_exp.data.config import Normalization
 from effnet_exp.data.imagenet_classes import imagenet_class_names
 from effnet_exp.data.source import resolve_data_source
 from effnet_exp.errors import UserError
+from effnet_exp.export.config import needs_data
+from effnet_exp.inference.artifacts import artifact_format, artifact_manifest
 from effnet_exp.model.config import ModelConfig
 from effnet_exp.model.restore import checkpoint_num_classes, resolve_weights
 from effnet_exp.modes import INFERENCE_MODES, TRAINING_MODES, Mode
@@ -63,6 +66,8 @@ def resolve_spec(cfg, device, run_dir, own_dir):
         spec = _training_spec(cfg, device, run_dir, own_dir)
     if cfg.mode in (Mode.eval,) + TRAINING_MODES:
         spec = _with_data(spec)
+    elif cfg.mode == Mode.export and needs_data(cfg.export):  # int8 calibration, the export report
+        spec = dataclasses.replace(spec, source=resolve_data_source(cfg.dataset, need_train=True, need_eval=True))
     log.info("run folder %s; model %s at %dx%d, %d classes, %s normalisation", own_dir, spec.model.name,
              spec.image_size, spec.image_size, spec.model.num_classes, spec.normalization.value)
     return spec
@@ -82,10 +87,31 @@ def _training_spec(cfg, device, run_dir, own_dir):
 
 
 def _checkpoint_spec(cfg, device, run_dir, own_dir):
-    """eval / predict / export: eval.checkpoint's run folder brings the model (and class names) that made it."""
-    checkpoint = resolve_weights(cfg.eval.checkpoint, cfg.dataset.cache_dir)
+    """eval / predict / export: eval.checkpoint's run folder brings the model (and class names) that made it;
+    an exported artifact (.pb, saved_model/, .tflite) brings them in its export.json."""
     use_ema = {Mode.eval: cfg.eval.use_ema, Mode.predict: cfg.model.pretrained_weights == "ema",
                Mode.export: cfg.export.use_ema}[cfg.mode]
+    fmt = artifact_format(cfg.eval.checkpoint)
+    if fmt and cfg.mode == Mode.export:
+        raise UserError("eval.checkpoint={} is an exported {}: mode=export needs the checkpoint (or run folder) it "
+                        "came from".format(cfg.eval.checkpoint, fmt))
+    if fmt:
+        checkpoint = os.path.abspath(os.path.expanduser(cfg.eval.checkpoint))
+        model, image_size, normalization, class_names = _artifact_model(cfg.model, checkpoint, fmt)
+    else:
+        checkpoint = resolve_weights(cfg.eval.checkpoint, cfg.dataset.cache_dir)
+        model, image_size, normalization, class_names = _checkpoint_model(cfg, checkpoint)
+    if cfg.mode == Mode.eval and model.num_classes != cfg.dataset.num_classes:
+        raise UserError("the checkpoint's model has {} classes but dataset.num_classes={}".format(
+            model.num_classes, cfg.dataset.num_classes))
+    if cfg.mode != Mode.eval and not class_names and model.num_classes == 1000:
+        class_names = imagenet_class_names()
+    return RunSpec(cfg=cfg, device=device, run_dir=run_dir, own_dir=own_dir, model=model, image_size=image_size,
+                   normalization=normalization, class_names=class_names, use_ema=use_ema, checkpoint=checkpoint)
+
+
+def _checkpoint_model(cfg, checkpoint):
+    """(model config, image size, normalization, class names) for a checkpoint."""
     trained_in = run_folder.run_folder_of(checkpoint)
     if trained_in:
         model, image_size, normalization = _saved_model(trained_in)
@@ -101,13 +127,18 @@ def _checkpoint_spec(cfg, device, run_dir, own_dir):
         model = dataclasses.replace(cfg.model, num_classes=found) if found else cfg.model
         image_size, class_names = cfg.model.image_size or cfg.model.resolution, None
         normalization = _normalization(cfg.model, cfg.dataset)
-    if cfg.mode == Mode.eval and model.num_classes != cfg.dataset.num_classes:
-        raise UserError("the checkpoint's model has {} classes but dataset.num_classes={}".format(
-            model.num_classes, cfg.dataset.num_classes))
-    if cfg.mode != Mode.eval and not class_names and model.num_classes == 1000:
-        class_names = imagenet_class_names()
-    return RunSpec(cfg=cfg, device=device, run_dir=run_dir, own_dir=own_dir, model=model, image_size=image_size,
-                   normalization=normalization, class_names=class_names, use_ema=use_ema, checkpoint=checkpoint)
+    return model, image_size, normalization, class_names
+
+
+def _artifact_model(model_cfg, path, fmt):
+    """(model config, image size, normalization, class names) of an exported artifact, from its export.json."""
+    manifest = artifact_manifest(path)
+    model = dataclasses.replace(model_cfg, name=manifest["model"], num_classes=int(manifest["num_classes"]),
+                                image_size=int(manifest["image_size"]))
+    log.info("%s %s: model %s at %d px and %s normalisation, as exported from %s", fmt, path, model.name,
+             model.image_size, manifest["normalization"]["name"], manifest.get("checkpoint"))
+    return (model, model.image_size, Normalization(manifest["normalization"]["name"]),
+            manifest.get("class_names") or None)
 
 
 def _with_data(spec):

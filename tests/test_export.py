@@ -279,7 +279,7 @@ def test_bad_settings_and_unfit_checkpoints_are_user_errors(setup, tmp_path):
     with pytest.raises(Exception) as err:  # the schema's Enum: Hydra names the key, the value and the choices
         section("export", "export.format=onnx")
     message = str(err.value) + str(err.value.__cause__)
-    assert "export.format" in message and "onnx" in message and "frozen_pb, saved_model, all" in message
+    assert "export.format" in message and "onnx" in message and "frozen_pb, saved_model, tflite, all" in message
     for bad, key in ((ExportConfig(batch_size=0), "export.batch_size=0"),
                      (ExportConfig(soc_versions=["Ascend 310"]), "export.soc_versions")):
         with pytest.raises(UserError) as err:
@@ -310,7 +310,7 @@ def test_run_py_mode_export(setup, tmp_path, cache_dir):
                    "dataset.normalization=imagenet", "export.format=all", "export.batch_size=1",
                    "hydra.run.dir=" + str(run_dir)], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(str(run_dir / "export"))) == ["export.json", "model.pb", "saved_model"]
+    assert sorted(os.listdir(str(run_dir / "export"))) == ["export.json", "model.pb", "model.tflite", "saved_model"]
     with open(str(run_dir / "export" / "export.json")) as f:
         manifest = json.load(f)
     assert manifest["num_classes"] == CLASSES and manifest["weights"] == "ema"
@@ -324,4 +324,4 @@ def test_run_py_mode_export(setup, tmp_path, cache_dir):
     bad = run_py(["mode=export", "eval.checkpoint=" + setup["prefix"], "export.format=onnx",
                   "hydra.run.dir=" + str(tmp_path / "bad")], tmp_path, cache_dir)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert "export.format" in bad.stderr and "'onnx'" in bad.stderr and "frozen_pb, saved_model, all" in bad.stderr
+    assert "export.format" in bad.stderr and "'onnx'" in bad.stderr and "frozen_pb, saved_model, tflite, all" in bad.stderr

@@ -4,25 +4,38 @@ One process per NPU (python -m effnet_exp.tools.launch_ascend): RANK_SIZE ranks 
 own shard of the training files; gradients are averaged over the ranks by NPUDistributedOptimizer (HCCL
 allreduce), rank 0's variables are broadcast after init or restore, and device.iterations_per_loop training steps
 run on the NPU per sess.run (npu_bridge's IterationPerLoop).
+
+The profiling, dump and precision-debugging switches (docs/ascend.md) are keys of the NpuOptimizer's
+parameter_map, spelt and typed as the adapter's session parser reads them (tf_adapter/util/npu_attrs.cc).
+Profiles and dumps go into this process's folder, for the sessions of the run's main work: the training
+sessions when the run trains, the inference sessions when it evaluates, predicts or exports.
 """
+import json
 import logging
+import os
 
 import tensorflow as tf
 from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
 
 from effnet_exp.devices.ascend_env import read_ascend_env
 from effnet_exp.devices.base import Device, DeviceLoop, Purpose
-from effnet_exp.devices.config import FLOAT16_PRECISION_MODES
+from effnet_exp.devices.config import FLOAT16_PRECISION_MODES, DumpMode
 from effnet_exp.devices.loss_scaling import LossScaling, new_overflow_counter
 from effnet_exp.devices.placement import Placement
 from effnet_exp.errors import UserError
+from effnet_exp.modes import TRAINING_MODES
 from effnet_exp.optional import import_npu_bridge, npu
 
 log = logging.getLogger(__name__)
 
 
+PROFILING_FOLDER, DUMP_FOLDER = "profiling", "dump"
+
+
 class AscendDevice(Device):
     name = "ascend"
+    # The sessions that get device.profiling and device.dump (check() sets it from the run's mode).
+    debugged = Purpose.TRAIN
 
     def _placement(self):
         import_npu_bridge()  # the first thing device=ascend needs: one error line without it
@@ -45,6 +58,7 @@ class AscendDevice(Device):
 
     def check(self, run_cfg):
         super(AscendDevice, self).check(run_cfg)
+        self.debugged = Purpose.TRAIN if run_cfg.mode in TRAINING_MODES else Purpose.INFERENCE
         loop = self.cfg.iterations_per_loop
         if loop == 1:
             return
@@ -75,10 +89,64 @@ class AscendDevice(Device):
             params["graph_memory_max_size"].s = tf.compat.as_bytes(str(cfg.graph_memory_max_size))
         if cfg.variable_memory_max_size:
             params["variable_memory_max_size"].s = tf.compat.as_bytes(str(cfg.variable_memory_max_size))
+        if purpose == Purpose.TRAIN:
+            params["hcom_parallel"].b = cfg.hcom_parallel
+            if cfg.hccl_timeout is not None:
+                params["hccl_timeout"].i = cfg.hccl_timeout
+        _precision_debugging(params, cfg)
+        if purpose == self.debugged:
+            self._profiling(params)
+            self._dump(params)
         rewrite = config.graph_options.rewrite_options
         rewrite.remapping = RewriterConfig.ON if cfg.remapping else RewriterConfig.OFF
         rewrite.memory_optimization = RewriterConfig.DEFAULT_MEM_OPT if cfg.memory_optimization else RewriterConfig.OFF
         return config
+
+    def _profiling(self, params):
+        profiling = self.cfg.profiling
+        if not profiling.enabled:
+            return
+        switch = {True: "on", False: "off"}
+        options = {"output": self._folder("device.profiling.output", profiling.output, PROFILING_FOLDER),
+                   "training_trace": switch[profiling.training_trace], "task_trace": switch[profiling.task_trace],
+                   "aicpu": switch[profiling.aicpu], "fp_point": profiling.fp_point, "bp_point": profiling.bp_point,
+                   "aic_metrics": profiling.aic_metrics.value}
+        params["profiling_mode"].b = True
+        params["profiling_options"].s = tf.compat.as_bytes(json.dumps(options))
+
+    def _dump(self, params):
+        dump = self.cfg.dump
+        if dump.mode == DumpMode.none:
+            return
+        params["dump_path"].s = tf.compat.as_bytes(self._folder("device.dump.output", dump.output, DUMP_FOLDER))
+        if dump.mode == DumpMode.overflow:
+            params["enable_dump_debug"].b = True
+            params["dump_debug_mode"].s = tf.compat.as_bytes(dump.overflow.value)
+            return
+        params["enable_dump"].b = True
+        params["dump_mode"].s = tf.compat.as_bytes(dump.data.value)
+        if dump.steps is not None:
+            params["dump_step"].s = tf.compat.as_bytes(str(dump.steps))
+
+    def _folder(self, key, given, default):
+        """The absolute folder of a profile or dump (created: the adapter wants an existing, writable one):
+        `default` in this process's folder, a relative `given` in it too, an absolute one as given (a rank
+        other than the chief: its rank_<k> sub-folder)."""
+        own = self.output_folder or os.getcwd()
+        if not given:
+            path = os.path.join(own, default)
+        elif os.path.isabs(given):
+            path = os.path.join(given, self.placement.folder) if self.placement.folder else given
+        else:
+            path = os.path.join(own, given)
+        path = os.path.abspath(path)
+        try:
+            if not os.path.isdir(path):
+                os.makedirs(path)
+        except OSError as err:
+            raise UserError("{}={}: cannot create the folder {} ({})".format(key, given, path, err.strerror or err))
+        log.info("%s: %s", key, path)
+        return path
 
     def wrap_optimizer(self, optimizer):
         """NPUDistributedOptimizer (gradients averaged over the ranks) inside NPULossScaleOptimizer (float16
@@ -104,6 +172,19 @@ class AscendDevice(Device):
         if self.placement.processes == 1:
             return None
         return broadcast_variables_op(root_rank=0)
+
+
+def _precision_debugging(params, cfg):
+    """The switches that change how CANN compiles the graph: every session gets them, so that evaluation runs
+    the graph that was trained."""
+    if cfg.fusion_switch_file:
+        params["fusion_switch_file"].s = tf.compat.as_bytes(cfg.fusion_switch_file)
+    if cfg.op_debug_level:
+        params["op_debug_level"].i = cfg.op_debug_level
+    if cfg.op_select_implmode is not None:
+        params["op_select_implmode"].s = tf.compat.as_bytes(cfg.op_select_implmode.value)
+    if cfg.enable_exception_dump:
+        params["enable_exception_dump"].i = 1
 
 
 def _loss_scale_manager(cfg, counter):

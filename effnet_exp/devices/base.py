@@ -42,6 +42,12 @@ class Device(object):
         self.cfg = cfg
         self.environ = environ
         self.placement = self._placement()
+        self.output_folder = None  # see use_folder
+
+    def use_folder(self, folder):
+        """This process's folder (the run folder, or its rank / worker sub-folder): where device-side outputs
+        such as Ascend profiles and dumps go by default."""
+        self.output_folder = folder
 
     def _placement(self):
         if self.cfg.strategy == Strategy.none:

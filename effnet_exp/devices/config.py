@@ -1,6 +1,7 @@
 """Typed schemas of the `device` config group, one per device, and their checks (no TensorFlow import here)."""
 import enum
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,6 +34,46 @@ class PrecisionMode(str, enum.Enum):
 FLOAT16_PRECISION_MODES = (PrecisionMode.allow_mix_precision, PrecisionMode.allow_mix_precision_fp16,
                            PrecisionMode.allow_fp32_to_fp16, PrecisionMode.force_fp32,
                            PrecisionMode.cube_fp16in_fp32out, PrecisionMode.force_fp16)
+
+
+class DumpMode(str, enum.Enum):
+    """device.dump.mode: which of CANN's dumps the training sessions write (docs/ascend.md)."""
+    none = "none"
+    overflow = "overflow"  # the adapter's enable_dump_debug: the operators whose results overflow float16
+    data = "data"          # the adapter's enable_dump: operators' input / output tensors at dump.steps
+
+
+class DumpData(str, enum.Enum):
+    """device.dump.data: the adapter's dump_mode values (npu_attrs.cc checkDumpMode)."""
+    input = "input"
+    output = "output"
+    all = "all"
+
+
+class OverflowKind(str, enum.Enum):
+    """device.dump.overflow: the adapter's dump_debug_mode values (npu_attrs.cc checkDumpDebugMode)."""
+    aicore_overflow = "aicore_overflow"
+    atomic_overflow = "atomic_overflow"
+    all = "all"
+
+
+class OpSelectImplMode(str, enum.Enum):
+    """device.op_select_implmode: the adapter's values (npu_attrs.cc CheckOpImplMode)."""
+    high_precision = "high_precision"
+    high_performance = "high_performance"
+    high_precision_for_all = "high_precision_for_all"
+    high_performance_for_all = "high_performance_for_all"
+
+
+class AicMetrics(str, enum.Enum):
+    """device.profiling.aic_metrics: the AI Core metric groups of CANN's profiler (the adapter's default
+    profiling_options use PipeUtilization; the other names are those of the profiler's AI Core metrics)."""
+    PipeUtilization = "PipeUtilization"
+    ArithmeticUtilization = "ArithmeticUtilization"
+    Memory = "Memory"
+    MemoryL0 = "MemoryL0"
+    MemoryUB = "MemoryUB"
+    ResourceConflictRatio = "ResourceConflictRatio"
 
 
 @dataclass
@@ -84,6 +125,35 @@ class GpuDeviceConfig(CpuDeviceConfig):
 
 
 @dataclass
+class ProfilingConfig:
+    """device.profiling (Ascend): the adapter's profiling_mode + profiling_options, for the whole session (the
+    adapter has no window of steps)."""
+    enabled: bool = False
+    # null: <run folder>/profiling (a rank's: <run folder>/rank_<k>/profiling); a relative path is taken inside
+    # that folder too.
+    output: Optional[str] = None
+    training_trace: bool = True
+    task_trace: bool = True
+    aicpu: bool = True
+    # The first forward and the last backward operator of a step, for the iteration trace; empty: CANN finds them.
+    fp_point: str = ""
+    bp_point: str = ""
+    aic_metrics: AicMetrics = AicMetrics.PipeUtilization
+
+
+@dataclass
+class DumpConfig:
+    """device.dump (Ascend): CANN's overflow dump or data dump of the training sessions."""
+    mode: DumpMode = DumpMode.none
+    # data dumps: which steps, "0|5|10-20" (at most 100 groups); null: every step.
+    steps: Optional[str] = None
+    # null: <run folder>/dump (a rank's: <run folder>/rank_<k>/dump); a relative path is taken inside it too.
+    output: Optional[str] = None
+    data: DumpData = DumpData.output
+    overflow: OverflowKind = OverflowKind.all
+
+
+@dataclass
 class AscendDeviceConfig(CpuDeviceConfig):
     name: str = "ascend"
     # The NPU compiles the graph itself (CANN): no XLA.
@@ -104,6 +174,19 @@ class AscendDeviceConfig(CpuDeviceConfig):
     memory_optimization: bool = False
     # Through npu_bridge's NPULossScaleOptimizer whenever precision_mode computes in float16.
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    dump: DumpConfig = field(default_factory=DumpConfig)
+    # Precision debugging (docs/ascend.md): a JSON file turning graph / UB fusions off, the operator compiler's
+    # debug level (>= 0), high precision or high performance operator implementations (null: CANN's default),
+    # a dump of the operators that raise an AI Core exception.
+    fusion_switch_file: Optional[str] = None
+    op_debug_level: int = 0
+    op_select_implmode: Optional[OpSelectImplMode] = None
+    enable_exception_dump: bool = False
+    # Several ranks: HCCL's allreduce in parallel with the backward pass (ModelZoo's setting); HCCL's timeout in
+    # seconds (null: CANN's default).
+    hcom_parallel: bool = True
+    hccl_timeout: Optional[int] = None
 
 
 def check_loss_scale(cfg, key="device.loss_scale"):
@@ -155,3 +238,38 @@ def _check_ascend(cfg):
                             "(not {})".format(cfg.precision_mode.value))
         if not os.path.isfile(cfg.modify_mixlist):
             raise UserError("device.modify_mixlist={}: no such file".format(cfg.modify_mixlist))
+    _check_debugging(cfg)
+
+
+# The adapter's dump_step syntax (npu_attrs.cc checkDumpStep): steps and ranges a-b (a < b) joined by |.
+_DUMP_STEPS = re.compile(r"\d+(-\d+)?(\|\d+(-\d+)?)*")
+MAX_DUMP_STEP_GROUPS = 100
+
+
+def check_dump_steps(text, key="device.dump.steps"):
+    if not _DUMP_STEPS.fullmatch(text):
+        raise UserError("{}={!r} is not CANN's dump_step syntax: steps and ranges joined by |, e.g. 0|5|10-20".format(
+            key, text))
+    groups = text.split("|")
+    if len(groups) > MAX_DUMP_STEP_GROUPS:
+        raise UserError("{}={!r} has {} groups; CANN dumps at most {}".format(key, text, len(groups),
+                                                                          MAX_DUMP_STEP_GROUPS))
+    for group in groups:
+        ends = [int(n) for n in group.split("-")]
+        if len(ends) == 2 and ends[0] >= ends[1]:
+            raise UserError("{}={!r}: the range {} must go from a smaller to a larger step".format(key, text, group))
+
+
+def _check_debugging(cfg):
+    dump = cfg.dump
+    if dump.steps is not None:
+        if dump.mode != DumpMode.data:
+            raise UserError("device.dump.steps={!r} is only used with device.dump.mode=data (not {})".format(
+                dump.steps, dump.mode.value))
+        check_dump_steps(dump.steps)
+    if cfg.fusion_switch_file and not os.path.isfile(cfg.fusion_switch_file):
+        raise UserError("device.fusion_switch_file={}: no such file".format(cfg.fusion_switch_file))
+    if cfg.op_debug_level < 0:
+        raise UserError("device.op_debug_level={} must be >= 0".format(cfg.op_debug_level))
+    if cfg.hccl_timeout is not None and cfg.hccl_timeout < 1:
+        raise UserError("device.hccl_timeout={} must be a number of seconds >= 1 (or null)".format(cfg.hccl_timeout))

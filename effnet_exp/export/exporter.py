@@ -1,4 +1,4 @@
-"""mode=export: a checkpoint as a frozen GraphDef (model.pb), a SavedModel and export.json.
+"""mode=export: a checkpoint as a frozen GraphDef (model.pb), a SavedModel, TFLite files and export.json.
 
 Every graph is built fresh for inference (batch norm on its moving statistics, no dropout or drop-connect, no
 input pipeline, no optimizer), its variables are restored by name through WeightsPlan (the EMA shadows when
@@ -20,7 +20,8 @@ from effnet_exp import interrupts
 from effnet_exp.data.config import Normalization
 from effnet_exp.data.preprocessing import CROP_PADDING, normalization_constants, normalize, preprocess_for_eval
 from effnet_exp.errors import UserError
-from effnet_exp.export.config import ExportFormat, check_export
+from effnet_exp.export import tflite
+from effnet_exp.export.config import TFLITE_FORMATS, ExportFormat, Int8IO, Quantize, check_export, tflite_name
 from effnet_exp.model.config import Activation
 from effnet_exp.model.restore import InferenceModel
 
@@ -316,10 +317,15 @@ def _save_model(restored, path):
 
 
 def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, export_cfg, class_names=None,
-                 crop_padding=CROP_PADDING, session_config=None):
-    """Writes run_dir/export/ (model.pb, model_image_bytes.pb, saved_model/, export.json as configured) and
-    returns the export.json content."""
+                 crop_padding=CROP_PADDING, session_config=None, calibration=None):
+    """Writes run_dir/export/ (model.pb, model_image_bytes.pb, saved_model/, *.tflite, export.json as
+    configured) and returns the export.json content. calibration: normalised float images [N, S, S, 3] of the
+    training split (int8 TFLite needs them; the TFLite checks use the first few when given)."""
     check_export(export_cfg)
+    tflite_modes = [Quantize(q) for q in export_cfg.quantize] if ExportFormat(export_cfg.format) in TFLITE_FORMATS \
+        else []
+    if Quantize.int8 in tflite_modes and (calibration is None or not len(calibration)):
+        raise UserError("export.quantize=int8 needs calibration images from the dataset's training split")
     norm = normalization_info(normalization)
     fmt = ExportFormat(export_cfg.format)
     frozen_wanted = fmt in (ExportFormat.frozen_pb, ExportFormat.all)
@@ -331,7 +337,7 @@ def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, expo
     tmp_dir = tempfile.mkdtemp(dir=os.path.abspath(run_dir), prefix="." + EXPORT_DIR + ".", suffix=".tmp")
     try:
         manifest = _export_into(tmp_dir, checkpoint, spec, num_classes, norm, export_cfg, frozen_wanted,
-                                saved_wanted, session_config)
+                                saved_wanted, session_config, tflite_modes, calibration)
         manifest["export_dir"] = out_dir
         manifest["class_names"] = list(class_names) if class_names else None
         with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
@@ -349,7 +355,7 @@ def export_model(checkpoint, model_cfg, image_size, normalization, run_dir, expo
 
 
 def _export_into(folder, checkpoint, spec, num_classes, norm, export_cfg, frozen_wanted, saved_wanted,
-                 session_config):
+                 session_config, tflite_modes=(), calibration=None):
     batch = spec.batch_size
     size = spec.image_size
     float_inputs = [_tensor_entry(INPUT, "float32", [batch, size, size, 3])]
@@ -377,9 +383,13 @@ def _export_into(folder, checkpoint, spec, num_classes, norm, export_cfg, frozen
         manifest["weights_restored"] = restored.model.describe()
         manifest["weights"] = "ema" if restored.model.plan.uses_ema else "raw"
         log.info("exporting %s with %s", spec.cfg.name, restored.model.describe())
-        if frozen_wanted:
+        if frozen_wanted or tflite_modes:
             frozen = restored.freeze()
             manifest["self_check_max_abs_diff"] = _self_check(restored, frozen, batch, size)
+        if tflite_modes:
+            files["tflite"] = _export_tflite(folder, frozen, restored, spec, export_cfg, tflite_modes, norm,
+                                             calibration)
+        if frozen_wanted:
             _write_graph(frozen, os.path.join(folder, FROZEN_PB))
             interrupts.fault_point("exporting")
             op_types = graph_op_types(frozen)
@@ -412,6 +422,70 @@ def _export_into(folder, checkpoint, spec, num_classes, norm, export_cfg, frozen
     if not frozen_wanted:
         manifest["atc_note"] = "ATC compiles model.pb: export with export.format=frozen_pb or all"
     return manifest
+
+
+# The TFLite checks against the checkpoint: this many images (the first calibration images when there are).
+CHECK_IMAGES = 8
+
+
+def _in_input_scale(images, norm, in_graph):
+    """Normalised images in the scale of the graph's `input` (0-255 when it normalises them itself)."""
+    images = np.asarray(images, np.float32)
+    if not in_graph:
+        return images
+    return images * np.asarray(norm["std"], np.float32) + np.asarray(norm["mean"], np.float32)
+
+
+def _check_batch(spec, calibration):
+    """(images, what they are): CHECK_IMAGES of them, or exactly export.batch_size when that is fixed."""
+    count = int(spec.batch_size or CHECK_IMAGES)
+    if calibration is not None and len(calibration):
+        images = np.asarray(calibration[:count], np.float32)
+        images = np.concatenate([images] * int(np.ceil(count / float(len(images)))))[:count]
+        return images, "the first {} calibration images".format(min(count, len(calibration)))
+    images = np.random.RandomState(0).normal(size=(count, spec.image_size, spec.image_size, 3))
+    return images.astype(np.float32), "{} standard-normal images (seed 0)".format(count)
+
+
+def _export_tflite(folder, frozen, restored, spec, export_cfg, modes, norm, calibration):
+    """Converts the frozen graph once per quantize mode; each file's export.json entry, with its outputs'
+    largest difference to the checkpoint's on a small batch."""
+    source = os.path.join(folder, ".model_for_tflite.pb")
+    _write_graph(frozen, source)
+    check, check_what = _check_batch(spec, calibration)
+    check = _in_input_scale(check, norm, spec.normalize_in_graph)
+    x, logits, probabilities = restored.towers[INPUT]
+    expected = restored.sess.run({LOGITS: logits, PROBABILITIES: probabilities}, {x: check})
+    scaled = None if calibration is None else _in_input_scale(calibration, norm, spec.normalize_in_graph)
+    entries = []
+    try:
+        for mode in modes:
+            log.info("converting to TFLite (%s)", mode.value)
+            data = tflite.convert(source, mode, spec.image_size, spec.batch_size, INPUT, OUTPUTS,
+                                  calibration=scaled, int8_io=export_cfg.int8_io)
+            name = tflite_name(mode)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+            interrupts.fault_point("exporting")
+            entry = dict(tflite.describe(data), path=name, quantize=mode.value, size_bytes=len(data))
+            if mode == Quantize.int8:
+                entry["calibration_images"] = int(len(calibration))
+                entry["int8_io"] = Int8IO(export_cfg.int8_io).value
+            entry["check"] = _tflite_check(data, check, expected, check_what)
+            entries.append(entry)
+    finally:
+        os.remove(source)
+    return entries
+
+
+def _tflite_check(data, images, expected, what):
+    runner = tflite.TFLiteRunner(data)
+    got = {name: runner(images, name) for name in OUTPUTS}
+    return {"images": what,
+            "max_abs_diff_logits": float(np.max(np.abs(got[LOGITS] - expected[LOGITS]))),
+            "max_abs_diff_probabilities": float(np.max(np.abs(got[PROBABILITIES] - expected[PROBABILITIES]))),
+            "top1_agreement": float(np.mean(np.argmax(got[PROBABILITIES], 1) ==
+                                            np.argmax(expected[PROBABILITIES], 1)))}
 
 
 def _atc_entries(soc_versions, batch, size):
@@ -455,6 +529,12 @@ def summary_text(manifest):
                 lines.append("  {}/ signature {}: {}".format(entry["path"], name, _tensors(sig)))
         else:
             lines.append("  {}: {}".format(entry["path"], _tensors(entry)))
+    for entry in manifest["files"].get("tflite", []):
+        check = entry["check"]
+        lines.append("  {} ({}, {} bytes): {}; against the checkpoint on {}: max |probability diff| {:.2g}, "
+                     "top-1 agreement {:.2f}".format(
+                         entry["path"], entry["quantize"], entry["size_bytes"], _tflite_tensors(entry),
+                         check["images"], check["max_abs_diff_probabilities"], check["top1_agreement"]))
     norm = manifest["normalization"]
     lines.append("  input normalisation: {} (mean {}, std {}){}".format(
         norm["name"], norm["mean"], norm["std"], ", inside the graph" if norm["in_graph"] else ""))
@@ -463,6 +543,12 @@ def summary_text(manifest):
         lines.append("atc command lines, run in {}{}:".format(manifest["export_dir"], note))
         lines.extend("  " + entry["command"] for entry in manifest["atc"])
     return "\n".join(lines)
+
+
+def _tflite_tensors(entry):
+    def fmt(t):
+        return "{} {} {}".format(t["name"], t["dtype"], t["shape"])
+    return "{} -> {}".format(", ".join(fmt(t) for t in entry["inputs"]), ", ".join(fmt(t) for t in entry["outputs"]))
 
 
 def _tensors(entry):

@@ -1,8 +1,11 @@
 """The files of an evaluation in the run folder, each written whole or not at all: confusion.csv, predictions.jsonl
-(eval.save_predictions), eval.json, the figures (confusion.png, reliability.png, mistakes.png; a figure that cannot
-be drawn, e.g. without matplotlib, is logged and left out) and the TensorBoard eval run."""
+(eval.save_predictions), eval.json and the TensorBoard eval run's numbers at once; the figures (confusion.png,
+reliability.png, mistakes.png) and the confusion image in TensorBoard in the background (reporting.drawing), so
+the run goes on while they are drawn. A figure that cannot be drawn, e.g. without matplotlib, is logged and left
+out."""
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -12,10 +15,13 @@ import tensorflow as tf
 
 from effnet_exp import run_folder
 from effnet_exp.inference.eval_metrics import calibration_error, reliability_bins
+from effnet_exp.reporting import drawing
 from effnet_exp.reporting.eval_plots import confusion_png, mistakes_png, reliability_png
 from effnet_exp.training.summaries import write_scalars
 
 log = logging.getLogger(__name__)
+
+_WRITERS = itertools.count()
 
 # eval.json's numbers that go to TensorBoard's eval run, besides the per-class recall.
 SCALARS = ("top1", "top5", "loss", "balanced_accuracy", "macro_f1", "nll", "ece")
@@ -31,8 +37,9 @@ def write_outputs(run_dir, result, confusion, arrays, class_names, sources=None,
         run_folder.atomic_write_text(os.path.join(run_dir, run_folder.EVAL_PREDICTIONS),
                                      predictions_jsonl(arrays, sources))
     run_folder.atomic_write_json(run_folder.eval_path(run_dir), result)
-    drawn = _draw_figures(run_dir, confusion, arrays, class_names, mistakes)
-    _write_tensorboard(run_dir, result, drawn)
+    step = result["step"] or 0
+    _write_tensorboard(run_dir, step, _scalars(result))
+    drawing.submit(("evaluation figures", run_dir), _figures, run_dir, step, confusion, arrays, class_names, mistakes)
 
 
 def confusion_csv(confusion, class_names):
@@ -65,6 +72,12 @@ def _draw(path, draw, *args):
         return False
 
 
+def _figures(run_dir, step, confusion, arrays, class_names, mistakes):
+    """Draws the evaluation's figures, then adds the confusion figure to TensorBoard's eval run."""
+    if _draw_figures(run_dir, confusion, arrays, class_names, mistakes)[run_folder.CONFUSION_PNG]:
+        _write_tensorboard(run_dir, step, image=os.path.join(run_dir, run_folder.CONFUSION_PNG))
+
+
 def _draw_figures(run_dir, confusion, arrays, class_names, mistakes):
     """{file name: drawn} of the evaluation's figures."""
     confidence = arrays.top_probability[:, 0]
@@ -83,18 +96,25 @@ def _draw_figures(run_dir, confusion, arrays, class_names, mistakes):
     return drawn
 
 
-def _write_tensorboard(run_dir, result, drawn):
-    """The eval run: SCALARS, the per-class recall (recall/<class name>) and the confusion figure."""
+def _scalars(result):
+    """SCALARS and the per-class recall (recall/<class name>)."""
     scalars = {k: result[k] for k in SCALARS}
     scalars.update(("recall/" + entry["name"], entry["recall"]) for entry in result["per_class"])
-    png = os.path.join(run_dir, run_folder.CONFUSION_PNG)
-    step = result["step"] or 0
+    return scalars
+
+
+def _write_tensorboard(run_dir, step, scalars=None, image=None):
+    """Adds scalars and the confusion figure (a PNG file) to the eval run at step. Each call writes its own
+    events file: the name TensorFlow gives one has only the second in it, and a second writer within that
+    second (the figure's, drawn in the background) would replace the first's file."""
     with tf.Graph().as_default():
-        writer = tf.compat.v1.summary.FileWriter(run_folder.tensorboard_dir(run_dir, "eval"))
+        writer = tf.compat.v1.summary.FileWriter(run_folder.tensorboard_dir(run_dir, "eval"),
+                                                 filename_suffix=".{}.{}".format(os.getpid(), next(_WRITERS)))
         try:
-            write_scalars(writer, step, scalars)
-            if drawn.get(run_folder.CONFUSION_PNG) and os.path.isfile(png):
-                writer.add_summary(_image_summary("confusion", png), step)
+            if scalars:
+                write_scalars(writer, step, scalars)
+            if image and os.path.isfile(image):
+                writer.add_summary(_image_summary("confusion", image), step)
                 writer.flush()
         finally:
             writer.close()

@@ -16,27 +16,30 @@ from effnet_exp.data.preprocessing import pixels
 from effnet_exp.data.source import files_text
 from effnet_exp.devices.base import Purpose
 from effnet_exp.errors import UserError
+from effnet_exp.inference.artifacts import CheckpointModel, open_model
 from effnet_exp.inference.eval_metrics import TOP_K, EvalAccumulator, evaluation_metrics
 from effnet_exp.inference.eval_outputs import write_outputs
 from effnet_exp.inference.mistakes import ConfidentMistakes
-from effnet_exp.model.restore import InferenceModel
-from effnet_exp.training.checkpoints import checkpoint_step
 
 log = logging.getLogger(__name__)
 
 
 def class_log_probabilities(images, model_cfg, checkpoint, use_ema, flip_tta=False):
-    """(InferenceModel, log-probabilities [B, C] of images). flip_tta: those of the mean of the softmax
-    probabilities of each image and of its horizontal mirror (the batch and its mirror go through the model
-    together)."""
+    """(the model, log-probabilities [B, C] of images) of a training checkpoint; see model_log_probabilities."""
+    model = CheckpointModel(checkpoint, model_cfg, use_ema)
+    return model, model_log_probabilities(images, model, flip_tta)
+
+
+def model_log_probabilities(images, model, flip_tta=False):
+    """Log-probabilities [B, C] of images by model (inference.artifacts: a checkpoint or an exported artifact).
+    flip_tta: those of the mean of the softmax probabilities of each image and of its horizontal mirror (the
+    batch and its mirror go through the model together)."""
     if not flip_tta:
-        model = InferenceModel(images, model_cfg, checkpoint, use_ema)
-        return model, tf.nn.log_softmax(tf.cast(model.logits, tf.float32))
+        return model.log_probabilities(images)
     both = tf.concat([images, tf.reverse(images, axis=[2])], 0)
-    model = InferenceModel(both, model_cfg, checkpoint, use_ema)
-    own, mirrored = tf.split(tf.nn.log_softmax(tf.cast(model.logits, tf.float32)), 2, axis=0)
+    own, mirrored = tf.split(model.log_probabilities(both), 2, axis=0)
     # log((p + q) / 2) in the log domain: exact where p and q underflow float32.
-    return model, tf.reduce_logsumexp(tf.stack([own, mirrored]), axis=0) - math.log(2.0)
+    return tf.reduce_logsumexp(tf.stack([own, mirrored]), axis=0) - math.log(2.0)
 
 
 def _mistake_candidates(images, labels, top_index, top_probability, floor, limit):
@@ -96,7 +99,8 @@ class Evaluator(object):
         iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         batch = iterator.get_next()
         images, labels = batch[0], batch[1]
-        model, log_p = class_log_probabilities(images, spec.model, checkpoint, spec.use_ema, cfg.eval.flip_tta)
+        model = open_model(checkpoint, spec.model, spec.use_ema, cfg.device.intra_op_threads)
+        log_p = model_log_probabilities(images, model, cfg.eval.flip_tta)
         num_classes = spec.model.num_classes
         top_probability, top_index = tf.nn.top_k(tf.exp(log_p), k=min(TOP_K, num_classes))
         log_p_true = tf.reduce_sum(log_p * tf.one_hot(labels, num_classes), axis=1)
@@ -133,7 +137,7 @@ class Evaluator(object):
                     except tf.errors.OutOfRangeError:
                         break
                     interrupts.fault_point("evaluating")
-        result, confusion, arrays = self._result(checkpoint, collected, skipped_records(graph), model.plan,
+        result, confusion, arrays = self._result(checkpoint, collected, skipped_records(graph), model,
                                                  time.time() - started)
         result.update(note or {})
         write_outputs(self.spec.run_dir, result, confusion, arrays, self.class_names,
@@ -143,7 +147,7 @@ class Evaluator(object):
                  result["top1"], result["top5"], result["num_images"])
         return result
 
-    def _result(self, checkpoint, collected, skipped, plan, seconds):
+    def _result(self, checkpoint, collected, skipped, model, seconds):
         """(eval.json's fields, the confusion matrix, the EvalArrays)."""
         spec = self.spec
         if skipped:
@@ -159,7 +163,8 @@ class Evaluator(object):
         arrays = collected.arrays.arrays()
         fields, confusion = evaluation_metrics(arrays, self.class_names)
         fields.update({"loss": collected.loss_sum / n, "num_images": n, "checkpoint": os.path.abspath(checkpoint),
-                       "step": checkpoint_step(checkpoint), "model": spec.model.name, "image_size": spec.image_size,
+                       "step": model.step, "model": spec.model.name, "image_size": spec.image_size,
                        "images_per_sec": n / max(seconds, 1e-9), "skipped_records": skipped,
-                       "weights": "ema" if plan.uses_ema else "raw", "flip_tta": bool(spec.cfg.eval.flip_tta)})
+                       "weights": model.weights, "flip_tta": bool(spec.cfg.eval.flip_tta),
+                       "format": model.format})
         return fields, confusion, arrays

@@ -9,20 +9,21 @@ from effnet_exp import interrupts
 from effnet_exp.data.diagnostics import bad_data_message
 from effnet_exp.data.folder import image_problem
 from effnet_exp.data.preprocessing import normalize, preprocess_for_eval
-from effnet_exp.model.restore import InferenceModel
+from effnet_exp.inference.artifacts import open_model
 from effnet_exp.run_folder import atomic_write_json, predictions_path
 
 log = logging.getLogger(__name__)
 
 
 class Predictor(object):
-    def __init__(self, model_cfg, image_size, normalization, crop_padding, class_names, session_config):
+    def __init__(self, model_cfg, image_size, normalization, crop_padding, class_names, session_config, threads=0):
         self.model_cfg = model_cfg
         self.image_size = image_size
         self.normalization = normalization
         self.crop_padding = crop_padding
         self.class_names = class_names
         self.session_config = session_config
+        self.threads = threads
 
     def predict(self, checkpoint, paths, top_k=5, use_ema=True):
         top_k = min(top_k, self.model_cfg.num_classes)
@@ -32,8 +33,9 @@ class Predictor(object):
             image_bytes = tf.compat.v1.placeholder(tf.string, shape=[], name="image_bytes")
             image = preprocess_for_eval(image_bytes, self.image_size, crop_padding=self.crop_padding)
             images = tf.expand_dims(normalize(image, self.normalization), 0)
-            model = InferenceModel(images, self.model_cfg, checkpoint, use_ema)
-            probs, indices = tf.nn.top_k(tf.nn.softmax(model.logits)[0], k=top_k)
+            # A checkpoint, or an exported artifact (.pb, saved_model/, .tflite).
+            model = open_model(checkpoint, self.model_cfg, use_ema, self.threads)
+            probs, indices = tf.nn.top_k(tf.exp(model.log_probabilities(images))[0], k=top_k)
         graph.finalize()
         results = []
         with tf.compat.v1.Session(graph=graph, config=self.session_config) as sess:
