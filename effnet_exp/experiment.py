@@ -29,6 +29,7 @@ from effnet_exp.reporting.mlflow_logger import open_logger
 from effnet_exp.reporting.train_summary import write_train_summary
 from effnet_exp.resume import resumed_config, save_config
 from effnet_exp.spec import resolve_spec
+from effnet_exp.training.progressive import eval_spec
 from effnet_exp.training.trainer import Trainer
 from effnet_exp.validate import validate
 
@@ -69,7 +70,7 @@ def run(spec):
 def _train(spec):
     """The final eval top-1: after an early stop, the best checkpoint's (either mode); else mode=train gives the last
     train.eval_every evaluation's, or NaN without one."""
-    evaluator = Evaluator(spec) if spec.evaluates else None
+    evaluator = Evaluator(eval_spec(spec)) if spec.evaluates else None  # train.progressive may evaluate at its own size
     started = time.time()
     with interrupts.phase("training"):
         trained = Trainer(spec, evaluate=evaluator.evaluate if evaluator else None).train()

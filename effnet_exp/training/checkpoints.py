@@ -34,6 +34,15 @@ def save_checkpoint(saver, sess, prefix, step, previous):
             prefix, step, os.path.dirname(prefix), detail.strip().splitlines()[0], kept))
 
 
+def keep_rotating(saver, checkpoint_dir):
+    """A new Saver (a resumed run, the next progressive stage) takes over the rotation of the checkpoints already in
+    checkpoint_dir, so that train.keep_checkpoint_max counts them too."""
+    state = tf.compat.v1.train.get_checkpoint_state(checkpoint_dir)
+    if state and state.all_model_checkpoint_paths:
+        saver.recover_last_checkpoints([os.path.join(checkpoint_dir, os.path.basename(p))
+                                        for p in state.all_model_checkpoint_paths])
+
+
 class BestCheckpoint(object):
     """checkpoints/best/: a copy of the checkpoint with the best eval top-1, outside the rotation.
 

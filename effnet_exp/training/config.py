@@ -70,6 +70,24 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """train.progressive: the EfficientNetV2 paper's progressive learning (effnet_exp/training/progressive.py). The run's
+    steps are cut into `stages` equal shares; the training image size grows linearly from min_image_size to the
+    run's image size, and with it RandAugment's magnitude, MixUp's alpha and the dropout rate from their min_ values
+    here to their values in dataset.randaugment.magnitude, train.mixup_alpha and model.dropout_rate."""
+    # 0: off (one stage at the run's image size). The paper and the authors' code use 4.
+    stages: int = 0
+    # The first stage's image size; null: half the run's image size (at least 32), the authors' code's fallback
+    # when its base size data.ibase (128 for ImageNet) is unset.
+    min_image_size: Optional[int] = None
+    min_randaugment_magnitude: float = 5.0
+    min_mixup_alpha: float = 0.0
+    min_dropout: float = 0.0
+    # The evaluation's image size (periodic and final); null: the run's image size, as without stages.
+    eval_image_size: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 50
     # train.steps wins over train.epochs when both are set.
@@ -110,6 +128,8 @@ class TrainConfig:
     # Weighted cross-entropy: none | balanced (N / (C x n_c) from the training split's class counts) | a list
     # [w0, w1, ...] of one weight >= 0 per class. Typed Any: Hydra takes a string or a list from the command line.
     class_weights: Any = "none"
+    # Progressive learning: image size and regularisation growing over stages of the run (off by default).
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 @dataclass
@@ -177,6 +197,23 @@ def check_train(cfg):
     if not 0 <= cfg.mix_switch_prob <= 1:
         raise UserError("train.mix_switch_prob={} must be in [0, 1]".format(cfg.mix_switch_prob))
     class_weights_setting(cfg.class_weights)
+    check_progressive(cfg.progressive, cfg.steps)
+
+
+def check_progressive(cfg, steps):
+    """train.progressive's own ranges (the rules that involve the model and the dataset: progressive.py)."""
+    if cfg.stages < 0:
+        raise UserError("train.progressive.stages={} must be >= 0 (0: off)".format(cfg.stages))
+    for key, value in (("min_image_size", cfg.min_image_size), ("eval_image_size", cfg.eval_image_size)):
+        if value is not None and value < 32:
+            raise UserError("train.progressive.{}={} is too small: EfficientNet downsamples by 32".format(key, value))
+    if steps is not None and steps < cfg.stages:
+        raise UserError("train.progressive.stages={} needs at least one step per stage; train.steps={}".format(
+            cfg.stages, steps))
+    for key, value in (("min_randaugment_magnitude", cfg.min_randaugment_magnitude),
+                       ("min_mixup_alpha", cfg.min_mixup_alpha), ("min_dropout", cfg.min_dropout)):
+        if not 0 <= value < float("inf"):
+            raise UserError("train.progressive.{}={} must be a finite number >= 0".format(key, value))
 
 
 def class_weights_setting(value):

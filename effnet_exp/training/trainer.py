@@ -13,13 +13,17 @@ from effnet_exp.devices.base import Purpose
 from effnet_exp.errors import UserError
 from effnet_exp.model.restore import WeightsPlan, model_variables
 from effnet_exp.reporting.curves import update_curves
-from effnet_exp.training.checkpoints import BestCheckpoint, save_checkpoint
+from effnet_exp.training import progressive
+from effnet_exp.training.checkpoints import BestCheckpoint, keep_rotating, save_checkpoint
 from effnet_exp.training.config import NonFinitePolicy
 from effnet_exp.training.early_stopping import ChiefEvaluations, EarlyStopping, best_record
 from effnet_exp.training.step import build_train_step
 from effnet_exp.training.summaries import NoSummaries, write_scalars
 
 log = logging.getLogger(__name__)
+
+# How often another process than the chief looks for the chief's checkpoint at a stage boundary.
+CHECKPOINT_POLL_SECONDS = 0.5
 
 
 class NonFiniteLoss(UserError):
@@ -37,22 +41,62 @@ class Trainer(object):
     def train(self):
         """Runs to the step total or an early stop; returns the last metrics with the final checkpoint prefix (and
         "early_stop": the stop's metrics record)."""
-        spec, cfg = self.spec, self.spec.cfg
+        spec = self.spec
         stopping = self._early_stopping()
         if stopping.stopped:
             return self._stopped_already(stopping)
+        plan = progressive.plan(spec.cfg, spec.image_size, spec.total_steps, spec.device.steps_per_run)
+        if plan is None:
+            return self._train(spec, stopping)
+        return self._train_stages(progressive.stages(plan), stopping)
+
+    def _train_stages(self, stages, stopping):
+        """train.progressive: one graph per stage, each restored from the checkpoint the stage before it saved at the
+        boundary (weights, batch-norm statistics, optimizer slots, EMA, the global step); a resumed run starts in
+        the stage of its checkpoint's step."""
+        spec = self.spec
+        checkpoint, step, last_eval, result = spec.resume_checkpoint, spec.resume_step, None, None
+        for stage in stages[progressive.stage_at(stages, step).index - 1:]:
+            self._announce(stage)
+            stage_spec = progressive.stage_spec(spec, stage, checkpoint, step)
+            result = self._train(stage_spec, stopping, stage.last_step, last_eval)
+            if result.get("early_stop"):
+                break
+            step, last_eval = result["step"], result.get("last_eval")
+            checkpoint = result["checkpoint"] if spec.placement.chief else self._chief_checkpoint(step)
+        return result
+
+    def _announce(self, stage):
+        """The stage's log line, and its metrics.jsonl record unless a run stopped in this stage wrote it."""
+        log.info("%s", stage.describe())
+        path = run_folder.metrics_path(self.spec.own_dir)
+        if not any(r.get("stage") == stage.index for r in run_folder.read_metrics(path)):
+            _append_metrics(path, stage.record())
+
+    def _chief_checkpoint(self, step):
+        """Another process than the chief starts the next stage from the chief's checkpoint of the boundary step."""
+        folder = run_folder.checkpoint_dir(self.spec.run_dir)
+        suffix = "-%d" % step
+        while not (run_folder.latest_checkpoint(folder) or "").endswith(suffix):
+            time.sleep(CHECKPOINT_POLL_SECONDS)  # a signal raises Interrupted here
+        return run_folder.latest_checkpoint(folder)
+
+    def _train(self, spec, stopping, stop_at=None, last_eval=None):
+        """Builds spec's graph and trains it from spec's resume step up to stop_at (default: the step total)."""
+        cfg = spec.cfg
         graph = tf.Graph()
         interrupts.fault_point("building")
         with graph.as_default():
             replicas = spec.device.replicas()
         with graph.as_default(), replicas.scope():
             tf.compat.v1.set_random_seed(cfg.seed)
-            iterator_init, inputs = replicas.input_iterator(self._dataset, cfg.train.batch_size)
+            iterator_init, inputs = replicas.input_iterator(lambda: self._dataset(spec), cfg.train.batch_size)
             global_step = tf.compat.v1.train.get_or_create_global_step()
             step = build_train_step(spec, replicas, inputs, global_step)
             replicas.watch_copies()
             saver = tf.compat.v1.train.Saver(max_to_keep=cfg.train.keep_checkpoint_max, save_relative_paths=True)
-            initial = self._initial_weights()
+            keep_rotating(saver, run_folder.checkpoint_dir(spec.run_dir))
+            initial = self._initial_weights(spec)
             init = tf.compat.v1.global_variables_initializer()
             writer = self._summary_writer(graph)
             graph.finalize()
@@ -61,13 +105,14 @@ class Trainer(object):
         try:
             with replicas.session(graph, spec.device.session_config(Purpose.TRAIN)) as sess:
                 sess.run(init)
-                self._restore(sess, saver, initial)
+                self._restore(spec, sess, saver, initial)
                 overflow_steps = step.initialize(sess, resumed=bool(spec.resume_checkpoint))
                 sess.run(iterator_init)
                 # A signal is taken between steps, so that the checkpoint it leaves is of a whole step.
                 with interrupts.deferred(), data_errors(cfg.dataset):
-                    loop = _Loop(self, sess, saver, writer, step, overflow_steps, stopping)
-                    result = loop.run(int(sess.run(global_step)))
+                    loop = _Loop(self, spec, sess, saver, writer, step, overflow_steps, stopping)
+                    loop.last_eval = last_eval
+                    result = loop.run(int(sess.run(global_step)), stop_at or spec.total_steps)
                 replicas.report_copies(sess, result["step"])  # under a strategy: do the replicas agree?
                 if skipped_records(graph):
                     log.warning("skipped %d bad record(s) while training", skipped_records(graph))
@@ -91,9 +136,10 @@ class Trainer(object):
                  "train.early_stopping.patience, or 0, to train on)", spec.resume_step, record["reason"])
         return {"step": spec.resume_step, "checkpoint": spec.resume_checkpoint, "early_stop": record}
 
-    def _dataset(self):
+    @staticmethod
+    def _dataset(spec):
         """This process's input stream, resumed right after the records its checkpoint has seen."""
-        spec, cfg = self.spec, self.spec.cfg
+        cfg = spec.cfg
         placement = spec.placement
         batch = placement.stream_batch(cfg.train.batch_size)
         return build_dataset(spec.source, cfg.dataset, is_training=True, batch_size=batch,
@@ -101,9 +147,9 @@ class Trainer(object):
                              start_position=spec.resume_step * batch, num_shards=placement.input_shards,
                              shard_index=placement.input_shard)
 
-    def _initial_weights(self):
+    @staticmethod
+    def _initial_weights(spec):
         """(plan, saver) for model.pretrained, unless the run folder has checkpoints of its own (they win)."""
-        spec = self.spec
         if not spec.initial_weights or spec.resume_checkpoint:
             return None
         scope = spec.model.name
@@ -111,11 +157,12 @@ class Trainer(object):
                            allow_new_head=True)
         return plan, plan.saver()
 
-    def _restore(self, sess, saver, initial):
+    @staticmethod
+    def _restore(spec, sess, saver, initial):
         interrupts.fault_point("restoring")
-        if self.spec.resume_checkpoint:
-            saver.restore(sess, self.spec.resume_checkpoint)
-            log.info("resumed from %s", self.spec.resume_checkpoint)
+        if spec.resume_checkpoint:
+            saver.restore(sess, spec.resume_checkpoint)
+            log.info("resumed from %s", spec.resume_checkpoint)
         elif initial:
             plan, pretrained_saver = initial
             pretrained_saver.restore(sess, plan.prefix)
@@ -127,6 +174,13 @@ class Trainer(object):
             return NoSummaries()
         # Created in the graph's context: on TF 2.x, FileWriter refuses to work eagerly.
         return tf.compat.v1.summary.FileWriter(run_folder.tensorboard_dir(self.spec.run_dir, "train"), graph)
+
+
+def _append_metrics(path, record):
+    try:
+        run_folder.append_jsonl(path, record)
+    except (IOError, OSError) as err:
+        raise UserError("cannot write {}: {}".format(path, err.strerror or err))
 
 
 class NonFiniteWatch(object):
@@ -172,8 +226,7 @@ class _Loop(object):
     """The step loop's state: metrics since the last log line, checkpoint times, the non-finite watch, early
     stopping."""
 
-    def __init__(self, trainer, sess, saver, writer, step, overflow_steps, stopping):
-        spec = trainer.spec
+    def __init__(self, trainer, spec, sess, saver, writer, step, overflow_steps, stopping):
         self.spec = spec
         self.cfg = spec.cfg.train
         self.evaluate = trainer.evaluate if spec.placement.chief else None
@@ -196,7 +249,8 @@ class _Loop(object):
         self.last_eval = None
         self.early_stop = None
 
-    def run(self, step):
+    def run(self, step, stop_at):
+        """Trains from step to stop_at (the step total, or the end of a progressive stage)."""
         spec, cfg, total = self.spec, self.cfg, self.spec.total_steps
         log.info("training %s for %d steps of global batch %d (%d images per epoch), from step %d",
                  spec.model.name, total, cfg.batch_size, spec.source.num_train, step)
@@ -208,7 +262,7 @@ class _Loop(object):
         self.last = {"step": step}
         if self.stopping.enabled:
             log.info("early stopping: %s", self.stopping.describe())
-        while step < total:
+        while step < stop_at:
             _, loss, top1, monitors = self.sess.run(self.step.fetches())
             step += self.step.steps_per_run
             interrupts.fault_point("training")
@@ -216,7 +270,7 @@ class _Loop(object):
             self.lr = monitors["lr"]
             self.losses.append(loss)
             self.top1s.append(top1)
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == stop_at:
                 self._log(step)
             if self._checkpoint_due(step):
                 self._save(step)
@@ -255,10 +309,7 @@ class _Loop(object):
         self.interval_start = time.time()
 
     def _write_metrics(self, record):
-        try:
-            run_folder.append_jsonl(self.metrics_path, record)
-        except (IOError, OSError) as err:
-            raise UserError("cannot write {}: {}".format(self.metrics_path, err.strerror or err))
+        _append_metrics(self.metrics_path, record)
 
     def _checkpoint_due(self, step):
         cfg = self.cfg
