@@ -14,7 +14,8 @@ import tensorflow as tf
 from conftest import REPO, metrics, read_json, run_py
 from effnet_exp.data.config import Normalization
 from effnet_exp.errors import UserError
-from effnet_exp.training.progressive import Plan, eval_spec, plan, stage_at, stage_spec, stages
+from effnet_exp.config import requested_image_size
+from effnet_exp.training.progressive import Plan, eval_image_size, eval_spec, plan, stage_at, stage_spec, stages
 from effnet_exp.spec import RunSpec
 from effnet_exp.validate import validate
 from factory import run_config
@@ -102,7 +103,7 @@ def test_stage_spec_changes_only_the_stage_settings():
     (["train.progressive.stages=2", "train.progressive.min_dropout=-0.1"],
      "train.progressive.min_dropout=-0.1 must be a finite number >= 0"),
     (["train.progressive.stages=2", "model.image_size=64", "train.progressive.min_image_size=128"],
-     "train.progressive.min_image_size=128 is larger than the run's image size 64"),
+     "train.progressive.min_image_size=128 is larger than the run's last train size 64"),
     (["train.progressive.stages=2", "dataset.augment=randaugment", "dataset.randaugment.magnitude=3"],
      "train.progressive.min_randaugment_magnitude=5.0 is above dataset.randaugment.magnitude=3.0"),
     (["train.progressive.stages=2", "train.progressive.min_mixup_alpha=0.5", "train.mixup_alpha=0.2"],
@@ -138,6 +139,26 @@ def test_the_efficientnetv2_s_preset_has_the_papers_stages():
     got = stages(plan(cfg, 300, 1000, 1))
     assert [s.image_size for s in got] == [128, 184, 240, 300]
     assert [s.magnitude for s in got] == pytest.approx([5, 25 / 3.0, 35 / 3.0, 15])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REPO, "conf", "model", "efficientnetv2_s.yaml")),
+                    reason="conf/model/efficientnetv2_s.yaml (the EfficientNetV2 models, issue 21) is not in this tree")
+def test_a_v2_variant_grows_to_its_train_size_and_evaluates_at_its_eval_size():
+    """Without a size asked for, V2-S trains up to the authors' 300 and evaluates at their 384; a size asked for
+    (model.image_size) is the last stage's size, as for V1."""
+    imagenet = ("dataset=imagenet", "dataset.data_dir=/data/imagenet")  # no size of its own, unlike the digits
+    cfg = run_config("model=efficientnetv2_s", "train.progressive.stages=4", "train.progressive.min_image_size=128",
+                     *imagenet)
+    validate(cfg)
+    image_size = requested_image_size(cfg)
+    assert [s.image_size for s in stages(plan(cfg, image_size, 1000, 1))] == [128, 184, 240, 300]
+    assert eval_image_size(cfg, image_size) == 384
+    asked = run_config("model=efficientnetv2_s", "model.image_size=256", "train.progressive.stages=2", *imagenet)
+    assert [s.image_size for s in stages(plan(asked, requested_image_size(asked), 1000, 1))] == [128, 256]
+    assert eval_image_size(asked, requested_image_size(asked)) == 256
+    with pytest.raises(UserError, match=r"min_image_size=320 is larger than the run's last train size 300"):
+        validate(run_config("model=efficientnetv2_s", "train.progressive.stages=2",
+                            "train.progressive.min_image_size=320", *imagenet))
 
 
 # Lite0 cut to its first two blocks, from scratch, at 32 then 48 px over 8 steps; no dropout or drop-connect (their

@@ -51,10 +51,19 @@ def plan(cfg, image_size, total_steps, steps_per_run):
         return None
     magnitude = (progressive.min_randaugment_magnitude, cfg.dataset.randaugment.magnitude) \
         if cfg.dataset.augment == AugmentPolicy.randaugment else None
+    image_size = final_train_size(cfg, image_size)
     return Plan(count=progressive.stages, total_steps=total_steps, steps_per_run=steps_per_run,
                 image_size=(min_image_size(progressive, image_size), image_size), magnitude=magnitude,
                 mixup_alpha=(progressive.min_mixup_alpha, cfg.train.mixup_alpha),
                 dropout=(progressive.min_dropout, cfg.model.dropout_rate))
+
+
+def final_train_size(cfg, image_size):
+    """The last stage's size: the run's image size, except for a variant with its own train size
+    (model.train_resolution: EfficientNetV2 trains smaller than it evaluates) when no size was asked for."""
+    if cfg.model.image_size or cfg.dataset.image_size or not cfg.model.train_resolution:
+        return image_size
+    return cfg.model.train_resolution
 
 
 def min_image_size(progressive, image_size):
@@ -121,7 +130,8 @@ def stage_spec(spec, stage, resume_checkpoint, resume_step):
 
 
 def eval_image_size(cfg, image_size):
-    """The evaluation's image size: train.progressive.eval_image_size, else the run's (image_size)."""
+    """The evaluation's image size: train.progressive.eval_image_size, else the run's (image_size: for a V2 variant
+    without a size asked for, model.resolution, its eval size)."""
     return cfg.train.progressive.eval_image_size or image_size
 
 
@@ -136,10 +146,11 @@ def check_run(cfg):
     progressive = cfg.train.progressive
     if not progressive.stages or cfg.mode not in TRAINING_MODES:
         return
-    size = requested_image_size(cfg)
+    size = final_train_size(cfg, requested_image_size(cfg))
     if (progressive.min_image_size or 0) > size:
-        raise UserError("train.progressive.min_image_size={} is larger than the run's image size {} (model.image_size, "
-                        "else dataset.image_size, else model.resolution)".format(progressive.min_image_size, size))
+        raise UserError("train.progressive.min_image_size={} is larger than the run's last train size {} "
+                        "(model.image_size, else dataset.image_size, else model.train_resolution, else "
+                        "model.resolution)".format(progressive.min_image_size, size))
     pairs = [("train.progressive.min_mixup_alpha", progressive.min_mixup_alpha, "train.mixup_alpha",
               cfg.train.mixup_alpha),
              ("train.progressive.min_dropout", progressive.min_dropout, "model.dropout_rate", cfg.model.dropout_rate)]
