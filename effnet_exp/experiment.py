@@ -19,7 +19,7 @@ from effnet_exp.errors import UserError
 from effnet_exp.export.calibration import calibration_images
 from effnet_exp.export.config import wants_int8
 from effnet_exp.export.exporter import export_model, summary_text
-from effnet_exp.export.report import report_markdown, report_of_spec
+from effnet_exp.inference.export_report import report_markdown, report_of_spec
 from effnet_exp.inference.evaluator import Evaluator
 from effnet_exp.inference.predictor import Predictor, report
 from effnet_exp.reporting import drawing

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 GROUPS = ("dataset", "model", "optimizer", "device", "experiment")
 
 
-def _typed(saved, path):
+def typed_config(saved, path):
     """The saved config under the run schema again, so overrides are type-checked as on a first start."""
     schema = OmegaConf.structured(RunConfig)
     device = saved.get("device", {}).get("name")
@@ -43,7 +43,7 @@ def resumed_config(run_dir, overrides):
     path = os.path.join(run_dir, SAVED_CONFIG)
     if not os.path.isfile(path):
         raise UserError("resume={} is not a run folder of effnet-exp (no {})".format(run_dir, SAVED_CONFIG))
-    cfg = _typed(OmegaConf.load(path), path)
+    cfg = typed_config(OmegaConf.load(path), path)
     applied = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group

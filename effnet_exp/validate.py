@@ -11,7 +11,7 @@ from effnet_exp.export.config import check_export
 from effnet_exp.model.config import check_model
 from effnet_exp.modes import INFERENCE_MODES, Mode
 from effnet_exp.training.config import check_eval, check_optimizer, check_train
-from effnet_exp.training.progressive import check_run as check_progressive
+from effnet_exp.training import progressive
 
 
 def validate(cfg):
@@ -31,4 +31,4 @@ def validate(cfg):
     size = requested_image_size(cfg)
     if size < 32:
         raise UserError("image size {} is too small: EfficientNet downsamples by 32".format(size))
-    check_progressive(cfg)
+    progressive.check_run(cfg, size)

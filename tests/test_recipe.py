@@ -199,7 +199,7 @@ def test_recipe_run_saves_ema_and_evaluates_it(tmp_path, cache_dir):
 
     from effnet_exp.modes import Mode
     from effnet_exp.experiment import prepare, run
-    from effnet_exp.resume import _typed
+    from effnet_exp.resume import typed_config
     from effnet_exp.run_folder import SAVED_CONFIG
 
     run_dir = tmp_path / "run"
@@ -221,7 +221,7 @@ def test_recipe_run_saves_ema_and_evaluates_it(tmp_path, cache_dir):
     assert ema["weights"] == "ema"
 
     saved = os.path.join(str(run_dir), SAVED_CONFIG)
-    cfg = OmegaConf.to_object(_typed(OmegaConf.load(saved), saved))
+    cfg = OmegaConf.to_object(typed_config(OmegaConf.load(saved), saved))
     cfg.mode, cfg.eval.checkpoint, cfg.eval.use_ema = Mode.eval, str(run_dir), False
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()

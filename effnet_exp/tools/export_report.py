@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from effnet_exp import run_folder
 from effnet_exp.errors import UserError
 from effnet_exp.experiment import prepare
-from effnet_exp.export.report import report_markdown, report_of_spec
+from effnet_exp.inference.export_report import report_markdown, report_of_spec
 from effnet_exp.modes import Mode
-from effnet_exp.resume import _typed  # the saved config under the run schema, as resume= reads it
+from effnet_exp.resume import typed_config
 
 
 def saved_config(run_dir, overrides):
@@ -26,7 +26,7 @@ def saved_config(run_dir, overrides):
     if not os.path.isfile(path):
         raise UserError("{} is not a run folder of effnet-exp (no {})".format(run_dir, run_folder.SAVED_CONFIG))
     try:
-        cfg = OmegaConf.merge(_typed(OmegaConf.load(path), path), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(typed_config(OmegaConf.load(path), path), OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:  # OmegaConf's validation errors name the key and value
         raise UserError("{}: {}".format(path, str(err).splitlines()[0]))
     cfg.mode = Mode.export

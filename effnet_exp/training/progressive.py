@@ -5,7 +5,6 @@ import dataclasses
 import math
 from collections import namedtuple
 
-from effnet_exp.config import requested_image_size
 from effnet_exp.data.config import AugmentPolicy
 from effnet_exp.errors import UserError
 from effnet_exp.modes import TRAINING_MODES
@@ -141,12 +140,13 @@ def eval_spec(spec):
     return spec if size == spec.image_size else dataclasses.replace(spec, image_size=size)
 
 
-def check_run(cfg):
-    """The rules of train.progressive that involve other sections; UserError naming the keys and values."""
+def check_run(cfg, image_size):
+    """The rules of train.progressive that involve other sections (image_size: the size the run asks for);
+    UserError naming the keys and values."""
     progressive = cfg.train.progressive
     if not progressive.stages or cfg.mode not in TRAINING_MODES:
         return
-    size = final_train_size(cfg, requested_image_size(cfg))
+    size = final_train_size(cfg, image_size)
     if (progressive.min_image_size or 0) > size:
         raise UserError("train.progressive.min_image_size={} is larger than the run's last train size {} "
                         "(model.image_size, else dataset.image_size, else model.train_resolution, else "
