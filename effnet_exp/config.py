@@ -2,13 +2,19 @@
 
 Importing this module never imports TensorFlow, so Hydra rejects bad keys and values before any graph work.
 """
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from effnet_exp.data.config import DatasetConfig
+from effnet_exp.errors import UserError
 from effnet_exp.devices.config import AscendDeviceConfig, CpuDeviceConfig, GpuDeviceConfig
 from effnet_exp.export.config import ExportConfig
 from effnet_exp.model.config import ModelConfig
@@ -63,3 +69,21 @@ def register_configs():
     cs.store(group="device", name="gpu_schema", node=GpuDeviceConfig)
     cs.store(group="device", name="ascend_schema", node=AscendDeviceConfig)
     cs.store(group="logger", name="mlflow_schema", node=MlflowLoggerConfig)
+
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def compose_run_config(overrides, tool_overrides=()):
+    """The RunConfig (typed) that `python run.py <tool_overrides> <overrides>` would compose, for the tools that
+    take run.py's overrides outside a Hydra run; UserError naming the user's overrides and Hydra's first line."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return OmegaConf.to_object(compose(config_name="config",
+                                               overrides=list(tool_overrides) + list(overrides)))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError("overrides {}: {}".format(" ".join(overrides), str(err).splitlines()[0]))
+    finally:
+        GlobalHydra.instance().clear()

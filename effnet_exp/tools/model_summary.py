@@ -15,37 +15,22 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ start-up banner
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from effnet_exp.config import register_configs  # noqa: E402
+from effnet_exp.config import compose_run_config  # noqa: E402
 from effnet_exp.errors import UserError  # noqa: E402
 from effnet_exp.model.config import check_model  # noqa: E402
 from effnet_exp.model.summary import summarize  # noqa: E402
 from effnet_exp.run_folder import atomic_write_json  # noqa: E402
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 IMAGENET_CLASSES = "dataset.num_classes=1000"
 
 
 def model_config(overrides):
     """The ModelConfig run.py would build from overrides (1000 classes unless they set the class count);
     UserError for a bad override or model value."""
-    given = list(overrides)
-    if not any(o.lstrip("+~").startswith(("dataset", "model.num_classes")) for o in given):
-        overrides = [IMAGENET_CLASSES] + given
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError("overrides {}: {}".format(" ".join(given), str(err).splitlines()[0]))
-    finally:
-        GlobalHydra.instance().clear()
+    overrides = list(overrides)
+    own_classes = any(o.lstrip("+~").startswith(("dataset", "model.num_classes")) for o in overrides)
+    cfg = compose_run_config(overrides, () if own_classes else [IMAGENET_CLASSES])
     if cfg.model.image_size is not None and cfg.model.image_size < 8:
         raise UserError("model.image_size={} must be at least 8".format(cfg.model.image_size))
     return check_model(cfg.model)

@@ -20,14 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first 
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from effnet_exp.config import register_configs, requested_image_size  # noqa: E402
+from effnet_exp.config import compose_run_config, requested_image_size  # noqa: E402
 from effnet_exp.data import augment  # noqa: E402
 from effnet_exp.data.config import AugmentPolicy  # noqa: E402
 from effnet_exp.data.preprocessing import preprocess_image  # noqa: E402
@@ -35,21 +30,12 @@ from effnet_exp.errors import UserError  # noqa: E402
 from effnet_exp.training import mixing  # noqa: E402
 from effnet_exp.validate import validate  # noqa: E402
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 GAP = 2  # pixels between the cells of the grid
 
 
 def run_config(overrides):
     """The RunConfig that `python run.py <overrides>` would run, validated; UserError for a bad override."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError("overrides {}: {}".format(" ".join(overrides), str(err).splitlines()[0]))
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_run_config(overrides)
     validate(cfg)
     return cfg
 
